@@ -1,0 +1,47 @@
+"""`jaxrast` command line: one subcommand per module in `jaxrast/commands/`.
+
+Each command module exposes `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
+Modules are imported lazily so `jaxrast --help` stays fast and a command's heavy imports
+(jax, transformers) load only when that command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module path; add a line here when a command lands.
+COMMANDS: dict[str, str] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxrast",
+        description="RAST in JAX: decode a large base model with the RL shift of small model pairs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_path in COMMANDS.items():
+        module = importlib.import_module(module_path)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # User errors: one clear line, no traceback.
+        print(f"jaxrast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
