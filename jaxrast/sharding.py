@@ -1,0 +1,126 @@
+"""Device mesh and the one table of partition rules for parameters, KV caches and batches.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded params) and
+`tensor` (Megatron-style model parallel). Kernels are stored `[in, out]`: column-parallel
+layers (q/k/v, gate/up, lm_head) split `out` over `tensor` and `in` over `fsdp`,
+row-parallel ones (o, down) the reverse, so a block needs one reduction per matmul pair.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
+
+# (regex over the dotted parameter path, spec). First match wins; every parameter must match.
+PARAM_RULES: tuple[tuple[str, P], ...] = (
+    (r"embed_tokens\.embedding$", P("tensor", "fsdp")),
+    (r"self_attn\.(q_proj|k_proj|v_proj)\.kernel$", P("fsdp", "tensor")),
+    (r"self_attn\.(q_proj|k_proj|v_proj)\.bias$", P("tensor")),
+    (r"self_attn\.o_proj\.kernel$", P("tensor", "fsdp")),
+    (r"mlp\.(gate_proj|up_proj)\.kernel$", P("fsdp", "tensor")),
+    (r"mlp\.(gate_proj|up_proj)\.bias$", P("tensor")),
+    (r"mlp\.down_proj\.kernel$", P("tensor", "fsdp")),
+    (r"mlp\.down_proj\.bias$", P()),
+    (r"(input_layernorm|post_attention_layernorm|norm)\.weight$", P()),
+    (r"lm_head\.kernel$", P("fsdp", "tensor")),
+)
+KV_CACHE_SPEC = P(BATCH, None, "tensor", None)  # [batch, max_len, kv_heads, head_dim]
+CACHE_MASK_SPEC = P(BATCH, None)  # [batch, max_len]
+TOKENS_SPEC = P(BATCH, None)  # [batch, time]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over axes (data, fsdp, tensor); one size may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("make_mesh: at most one of data/fsdp/tensor may be -1.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"make_mesh: {len(devices)} devices cannot be split into {sizes}.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"make_mesh: data×fsdp×tensor = {'×'.join(map(str, sizes))} = {int(np.prod(sizes))} "
+            f"but {len(devices)} devices are available; choose sizes whose product is {len(devices)} "
+            "(or set one of them to -1).")
+    return Mesh(np.array(devices).reshape(sizes), AXES)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """('layers', 0, 'mlp', 'up_proj', 'kernel') -> 'layers.0.mlp.up_proj.kernel'.
+
+    Accepts plain tuples (flat NNX states) and jax key paths; the Variable's own `.value`
+    attribute key is skipped.
+    """
+    parts = []
+    for p in path:
+        if isinstance(p, jax.tree_util.GetAttrKey):
+            continue
+        parts.append(str(getattr(p, "key", getattr(p, "idx", p))))
+    return ".".join(parts)
+
+
+def rule_for(path: str) -> P:
+    """The partition spec the rule table assigns to parameter `path`."""
+    for pattern, spec in PARAM_RULES:
+        if re.search(pattern, path):
+            return spec
+    raise ValueError(f"no partition rule matches parameter {path!r}; add one to jaxrast.sharding.PARAM_RULES.")
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "") -> P:
+    """Drops mesh axes from dimensions they do not divide evenly (replicating them instead)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        kept = names
+        size = int(np.prod([mesh.shape[a] for a in kept])) if kept else 1
+        if size > 1 and dim % size:
+            warnings.warn(f"{name or 'array'}: dimension {dim} is not divisible by mesh axes {kept} "
+                          f"(size {size}); replicating it instead.", stacklevel=3)
+            kept = ()
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return P(*out)
+
+
+def named(mesh: Mesh, spec: P, shape: Sequence[int], name: str = "") -> NamedSharding:
+    return NamedSharding(mesh, fit_spec(spec, shape, mesh, name))
+
+
+def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """A state of `NamedSharding`s matching `state` (concrete or abstract params) via the rule table."""
+    def one(path, leaf):
+        name = path_str(path)
+        return named(mesh, rule_for(name), leaf.shape, name)
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Moves every parameter of `model` onto its NamedSharding (in place); returns the model."""
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
+    return model
+
+
+def cache_sharding(mesh: Mesh, cache: Any) -> Any:
+    """Shardings for a `KVCache` pytree: k/v split over batch and kv heads."""
+    from jaxrast.models.decoder import KVCache
+    return KVCache(
+        k=tuple(named(mesh, KV_CACHE_SPEC, a.shape, "kv cache") for a in cache.k),
+        v=tuple(named(mesh, KV_CACHE_SPEC, a.shape, "kv cache") for a in cache.v),
+        mask=named(mesh, CACHE_MASK_SPEC, cache.mask.shape, "cache mask"),
+        index=NamedSharding(mesh, P()),
+    )

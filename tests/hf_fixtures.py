@@ -1,0 +1,48 @@
+"""Random tiny HuggingFace checkpoints built offline with transformers + torch (test-only)."""
+
+from __future__ import annotations
+
+import os
+
+from jaxrast.tokenizer import char_tokenizer
+
+CHARS = "0123456789abcdefghijklmnopqrstuvwxyz +-*=#:?.\n"
+
+
+def hf_config(kind: str = "qwen2", *, vocab: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4,
+              kv_heads: int = 2, inter: int = 96, tie: bool = False, rope_scaling: dict | None = None,
+              init_range: float = 0.2, theta: float = 10000.0, max_pos: int = 2048):
+    from transformers import LlamaConfig, Qwen2Config
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
+                  initializer_range=init_range, max_position_embeddings=max_pos, rms_norm_eps=1e-6,
+                  pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    rope = {"rope_type": "default", "rope_theta": theta}
+    if rope_scaling:
+        rope.update(rope_scaling)
+    if kind == "qwen2":
+        return Qwen2Config(**common, rope_parameters=rope)
+    return LlamaConfig(**common, rope_parameters=rope, attention_bias=False, mlp_bias=False)
+
+
+def make_checkpoint(directory: str, kind: str = "qwen2", seed: int = 0, **kw) -> str:
+    """Builds a random `*ForCausalLM`, randomises biases and norms too, and saves it with a
+    character tokenizer (fewer tokens than `vocab`, so the embedding is padded)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_config(kind, **kw)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    tok = char_tokenizer(CHARS)
+    assert len(tok) <= cfg.vocab_size
+    tok.save_pretrained(directory)
+    return directory
