@@ -1,0 +1,98 @@
+"""Pure sampling math: the RAST logit combination, vocabulary alignment, temperature,
+top-k, top-p and λ schedules. Shapes: logits `[batch, vocab]`."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def combine_logits(base: jax.Array, rl: Sequence[jax.Array] = (), ref: Sequence[jax.Array] = (),
+                   lam: jax.Array | Sequence[float] = (), vocab: int | None = None) -> jax.Array:
+    """z = z_base + Σ_i lam_i · (z_rl_i − z_ref_i) over the first `vocab` (real) tokens.
+
+    Each model's logits may be padded beyond the tokenizer (Qwen2.5-7B+: 152064 rows,
+    1.5B: 151936); slicing every input to the real vocabulary makes the padded rows
+    impossible to sample rather than relying on their (arbitrary) values.
+
+    base: [..., V_base]; rl[i], ref[i]: [..., V_i]; lam: [num_pairs].
+    Returns float32 [..., vocab].
+    """
+    vocab = vocab or min([base.shape[-1], *(x.shape[-1] for x in (*rl, *ref))])
+    if not (len(rl) == len(ref) == len(lam)):
+        raise ValueError(f"combine_logits: {len(rl)} rl, {len(ref)} ref logits and {len(lam)} weights; "
+                         "each pair needs one of each.")
+    z = base[..., :vocab].astype(jnp.float32)
+    for i, (z_rl, z_ref) in enumerate(zip(rl, ref)):
+        delta = z_rl[..., :vocab].astype(jnp.float32) - z_ref[..., :vocab].astype(jnp.float32)
+        z = z + jnp.asarray(lam, jnp.float32)[i] * delta
+    return z
+
+
+def filter_top_k(logits: jax.Array, top_k: int) -> jax.Array:
+    """Keeps the `top_k` largest logits per row (ties at the threshold kept); 0 = no-op."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def filter_top_p(logits: jax.Array, top_p: float) -> jax.Array:
+    """Nucleus filter: keeps the smallest set of tokens whose probability reaches `top_p`.
+
+    A token is kept if the mass of the tokens strictly more likely than it is < top_p, so
+    the token that crosses the threshold is included (as in HF and vLLM).
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
+    threshold = jnp.take_along_axis(sorted_logits, keep - 1, axis=-1)
+    return jnp.where(logits < threshold, NEG_INF, logits)
+
+
+def sampling_logits(z: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """The logits actually sampled from: softmax(z/τ), then top-k, then top-p."""
+    return filter_top_p(filter_top_k(z / temperature, top_k), top_p)
+
+
+def sample(keys: jax.Array, z: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Draws one token per row. keys: [batch] PRNG keys (one stream per row, so a row's
+    draw never depends on what else is in the batch); z: [batch, vocab]. temperature 0 =
+    greedy. Returns int32 [batch]."""
+    if temperature == 0:
+        return jnp.argmax(z, axis=-1).astype(jnp.int32)
+    logits = sampling_logits(z, temperature, top_k, top_p)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+# ---- λ schedules: static (hashable) callables step -> multiplier of every λ_i -------------
+
+def _constant(step: jax.Array) -> jax.Array:
+    return jnp.ones((), jnp.float32)
+
+
+def _warmup(step: jax.Array, steps: int) -> jax.Array:
+    return jnp.minimum(1.0, (step.astype(jnp.float32) + 1.0) / steps)
+
+
+def _until(step: jax.Array, steps: int) -> jax.Array:
+    return (step < steps).astype(jnp.float32)
+
+
+def lam_schedule(spec: str | None) -> Callable[[jax.Array], jax.Array]:
+    """'constant' (default), 'warmup:N' (λ ramps linearly over the first N tokens) or
+    'first:N' (ΔR applied to the first N generated tokens only)."""
+    if spec in (None, "", "constant"):
+        return _constant
+    kind, _, arg = spec.partition(":")
+    if kind in ("warmup", "first") and arg.isdigit() and int(arg) > 0:
+        return functools.partial(_warmup if kind == "warmup" else _until, steps=int(arg))
+    raise ValueError(f"unknown λ schedule {spec!r}; use 'constant', 'warmup:N' or 'first:N'.")
