@@ -22,6 +22,8 @@ Method = Literal["boxed", "answer_is", "last_number"]
 
 # Commands whose braced argument is a final answer. `\boxed 5` (no braces) is legal TeX too.
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox|framebox)\b\s*")
+_BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)  # \{ \} \\ are not braces
+_WORD = re.compile(r"\S+")
 _ANSWER_IS = re.compile(r"(?:final\s+)?answer\s+is\s*:?", re.IGNORECASE)
 # Digits with optional thousands separators, decimals, sign; also ".5".
 _NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
@@ -52,25 +54,22 @@ def last_boxed(text: str) -> str | None:
     if not box_starts:
         return None
     best: tuple[int, str] | None = None  # (end position, content) of the latest closed box
-    # One pass with a stack of open-brace positions, so many unterminated boxes stay linear.
+    # One pass over the braces (and escapes) after the first box, with a stack of open-brace
+    # positions, so many unterminated boxes stay linear.
     stack: list[int] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # skip the escaped character (\{, \}, \\)
-            continue
+    for token in _BRACE_OR_ESCAPE.finditer(text, min(box_starts)):
+        ch = token.group(0)
         if ch == "{":
-            stack.append(i)
+            stack.append(token.start())
         elif ch == "}" and stack:
             start = stack.pop()
             if start in box_starts:
-                best = (i, text[start + 1 : i])
-        i += 1
+                best = (token.start(), text[start + 1 : token.start()])
     for pos, match in box_starts.items():
-        # Unbraced form: `\boxed 42`, or `\boxed{` at end of text is ignored.
-        if pos < n and text[pos] != "{" and match.group(0)[-1:].isspace():
-            token = text[pos:].split(None, 1)[0].rstrip("$.,")
+        # Unbraced form `\boxed 42`: the command ends in whitespace and no brace follows.
+        if match.group(0)[-1:].isspace() and not text.startswith("{", pos):
+            word = _WORD.match(text, pos)
+            token = word.group(0).rstrip("$.,") if word else ""
             if token and (best is None or pos > best[0]):
                 best = (pos, token)
     return best[1].strip() if best else None
