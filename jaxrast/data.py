@@ -7,9 +7,8 @@ Every loader returns *normalised rows*: dicts with
 - ``answer`` (str, or list[str] of acceptable answers): the gold final answer;
 
 plus every other field of the source row ("extra fields": ``subject``, ``level``,
-``solution``...). A source field whose name collides with a normalised one is kept under
-its own name unless it *is* the mapped field (GSM8K's worked ``answer`` becomes
-``solution``).
+``solution``...). A worked solution the gold was read from (GSM8K's ``answer``) is kept
+as ``solution``; a source ``answer`` field that is not the gold becomes ``source_answer``.
 """
 
 from __future__ import annotations
@@ -205,9 +204,9 @@ def normalise_rows(rows: Iterable[Mapping[str, Any]], fields: FieldMap, *, sourc
         seen.add(row_id)
         row: Row = {k: v for k, v in raw.items() if k not in ("id", "question", "answer")}
         if "answer" in raw and fields.answer != "answer":
-            row["answer_field"] = raw["answer"]  # keep a colliding source answer visible
-        if fields.answer == "answer" and fields.answer_format != "plain":
-            row["solution"] = raw["answer"]  # GSM8K: the worked solution
+            row["source_answer"] = raw["answer"]  # a source "answer" that is not the gold
+        if fields.answer_format in ("gsm8k", "boxed") and "solution" not in row:
+            row["solution"] = raw[fields.answer]  # the worked solution the answer came from
         row.update(id=row_id, question=str(raw[fields.question]), answer=read_answer(raw[fields.answer]))
         out.append(row)
     return out

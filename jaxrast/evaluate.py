@@ -255,7 +255,10 @@ def _pct(x: float | None) -> str:
 
 def _render(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(cells: Sequence[str]) -> str:  # first column left-aligned, numbers right
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 

@@ -25,8 +25,9 @@ _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox|framebox)\b\s*")
 _BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)  # \{ \} \\ are not braces
 _WORD = re.compile(r"\S+")
 _ANSWER_IS = re.compile(r"(?:final\s+)?answer\s+is\s*:?", re.IGNORECASE)
-# Digits with optional thousands separators, decimals, sign; also ".5".
-_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+# A signed number: "1,234.5" (separators only between groups of three, so the list
+# "1,2,5" is three numbers), "42", "3.14", ".5".
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
 # Ends the "the answer is ..." span: a newline, or a full stop followed by space / end.
 _SENTENCE_END = re.compile(r"\n|\.(?=\s|$)")
 # A math span at most a few plain words after "answer is": "therefore $x=2$".

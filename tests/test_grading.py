@@ -34,6 +34,8 @@ EXTRACTION = [
     ("She pays 2 + 3 = 5 dollars, so 1,234 in total", "1234", "last_number"),
     ("temperature drops to -7 degrees", "-7", "last_number"),
     ("ratio is .5", ".5", "last_number"),
+    ("the values are 1,2,5,8,9", "9", "last_number"),  # a list, not 12,589
+    ("pays 12,3456 in all", "3456", "last_number"),  # not a thousands separator
     ("no numbers here", None, None),
     ("", None, None),
 ]
