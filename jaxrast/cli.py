@@ -12,7 +12,9 @@ import importlib
 import sys
 
 # name -> module path; add a line here when a command lands.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "eval": "jaxrast.commands.eval",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,89 @@
+"""`jaxrast eval`: grade prediction files, print metrics, write JSON, compare, plot."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "eval"
+HELP = "Grade predictions against gold answers: avg@n, pass@k, maj@k, recovery rate."
+
+EPILOG = """examples:
+  jaxrast eval --pred runs/rast_math500.jsonl --json runs/rast_math500.metrics.json
+  jaxrast eval --pred a.jsonl b.jsonl --benchmark math500 --k 1 8 32 --plot passk.png
+  jaxrast eval --compare base.jsonl rast.jsonl rl.jsonl --metric avg
+  jaxrast eval --pred preds.jsonl --data gold.jsonl --fields id=uid,question=problem,answer=target
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pred", nargs="+", metavar="FILE", help="prediction JSONL file(s) (or report .json)")
+    what.add_argument("--compare", nargs=3, metavar=("BASE", "RAST", "RL"),
+                      help="three result files (.jsonl predictions or .json reports): prints base / RAST / RL and RR")
+    parser.add_argument("--benchmark", help="gold benchmark when rows have no 'benchmark' field")
+    parser.add_argument("--data", metavar="GOLD", help="custom gold data: JSONL file or datasets name/dir")
+    parser.add_argument("--fields", default="", metavar="MAP",
+                        help="field map for --data: id=..,question=..,answer=..,answer_format=plain|gsm8k|boxed|list")
+    parser.add_argument("--split", default="test", help="split for a datasets source (default: test)")
+    parser.add_argument("--k", nargs="+", type=int, metavar="K", help="k values for pass@k / maj@k columns")
+    parser.add_argument("--metric", default="avg", help="metric for --compare (avg, pass@K, maj@K; default avg)")
+    parser.add_argument("--json", metavar="PATH", help="write the report(s) as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="plot pass@k curves of the --pred files")
+    parser.add_argument("--groups", action="store_true", help="also print per-subject / level rows")
+    parser.add_argument("--group-by", nargs="+", default=[], metavar="FIELD", help="extra gold fields to group by")
+    parser.add_argument("--workers", type=int, default=None, help="grading processes (default: all cores; 0: in-process)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per judgement (default 5)")
+    parser.add_argument("--last-number", choices=("auto", "on", "off"), default="auto",
+                        help="fall back to the last number when no box / 'answer is' (auto: per benchmark)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_field_map(text: str) -> dict[str, str]:
+    """"id=uid,answer=target" -> {"id": "uid", "answer": "target"}."""
+    out = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ValueError(f"--fields item {item!r} is not KEY=FIELD (e.g. id=uid,answer=target)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from jaxrast import evaluate
+    from jaxrast.data import load_rows
+    from jaxrast.grading import GraderPool
+
+    gold_rows = None
+    if args.data:
+        gold_rows = load_rows(args.data, parse_field_map(args.fields) or None, split=args.split)
+    options = dict(
+        benchmark=args.benchmark,
+        gold_rows=gold_rows,
+        group_by=args.group_by,
+        ks=args.k,
+        last_number_fallback={"auto": None, "on": True, "off": False}[args.last_number],
+        progress=not args.no_progress,
+    )
+    with GraderPool(args.workers, timeout=args.timeout) as pool:
+        if args.compare:
+            reports = [evaluate.load_report(p, pool=pool, **options) for p in args.compare]
+            result = evaluate.compare_reports(*reports, metric=args.metric)
+            print(evaluate.format_comparison(result))
+        else:
+            reports = [evaluate.load_report(p, pool=pool, **options) for p in args.pred]
+            print(evaluate.format_table(reports, groups=args.groups))
+            result = reports[0] if len(reports) == 1 else reports
+            if args.plot:
+                print(f"wrote {evaluate.plot_pass_at_k(reports, args.plot)}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,250 @@
+"""Grade completions against gold answers: extract the answer, judge it with math-verify.
+
+Two entry points:
+
+- `is_correct(completion, gold)` / `grade(completion, gold)`: in-process, fast (a few ms,
+  parses cached). The judgement runs under a SIGALRM deadline when called from the main
+  thread; elsewhere only the size guards apply.
+- `GraderPool`: persistent worker processes with a *hard* per-item timeout (a worker stuck
+  in C code is killed and replaced). Built once and reused, e.g. by a training loop:
+  `pool.is_correct_many(completions, golds)`. `grade_many` uses a shared pool.
+
+Model text is only ever parsed (LaTeX -> sympy via math-verify), never evaluated as code.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+from jaxrast.extract import Extraction, extract_answer
+
+Gold = str | Sequence[str]
+Status = Literal["ok", "no_answer", "rejected", "timeout", "error"]
+
+DEFAULT_TIMEOUT = 5.0  # seconds per judgement
+# Guards applied before any parsing: real final answers are short and shallow. Longer or
+# deeper strings are garbage (or attacks on the parser) and are graded incorrect at once.
+MAX_ANSWER_CHARS = 1000
+MAX_NESTING = 12  # gold answers nest at most 4 deep; latex2sympy slows sharply past ~15
+
+_E_NOTATION = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)\s*[eE]\s*([+-]?\d+)(?![\w.])")
+_DOLLARS = re.compile(r"(?<!\\)\$")
+# Bold / text wrappers around a whole answer: \textbf{(073)}, \mathbf{1 4 4 0 0}.
+_BOLD = re.compile(r"\\(?:textbf|mathbf|boldsymbol|bm)\s*\{([^{}]*)\}")
+# "1 4 4 0 0" (PDF-extracted bold digits) and "1 000 000" (thin-space thousands).
+_SPACED_DIGITS = re.compile(r"(?<=\d)\s(?=\d)")
+
+
+class GradingTimeout(BaseException):
+    """Raised by the SIGALRM deadline. A BaseException so that the broad
+    `except Exception` blocks inside sympy / math-verify cannot swallow it."""
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Whether an extracted answer matches the gold, and a key for majority voting."""
+
+    correct: bool
+    status: Status
+    vote_key: str | None  # canonical form of the answer: equal keys vote together
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The full record of grading one completion."""
+
+    correct: bool
+    answer: str | None  # the extracted answer string
+    method: str | None  # "boxed" | "answer_is" | "last_number" | None
+    status: Status
+    vote_key: str | None
+
+
+class _DropMathVerifyNoise(logging.Filter):
+    # math-verify logs whole model outputs on its own timeouts and warns that we turned
+    # those timeouts off (we run one deadline around the whole judgement instead).
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+for _name in ("math_verify", "math_verify.grader", "math_verify.parser", "math_verify.utils"):
+    logging.getLogger(_name).addFilter(_DropMathVerifyNoise())
+
+
+@contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Raise `GradingTimeout` in the block after `seconds` (main thread, POSIX only)."""
+    usable = (
+        seconds is not None
+        and seconds > 0
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise GradingTimeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def nesting_depth(text: str) -> int:
+    """Deepest nesting of (), [] and {} in `text` (escaped brackets count too)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "({[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")}]":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def normalise_answer(text: str) -> str:
+    """Prepare an answer string for math-verify's LaTeX parser.
+
+    Strips unescaped `$` and bold wrappers, joins digits split by spaces, spells
+    e-notation as LaTeX (`4.5e33` -> `4.5\\times10^{33}`; math-verify would read `e` as
+    Euler's number) and trims punctuation.
+    """
+    text = _DOLLARS.sub("", text).strip()
+    for _ in range(3):  # \mathbf{\mathbf{...}} is rare; three levels is plenty
+        text = _BOLD.sub(r"\1", text)
+    text = _SPACED_DIGITS.sub("", text)
+    text = _E_NOTATION.sub(r"\1\\times10^{\2}", text)
+    return text.rstrip(".").strip()
+
+
+def vote_key_of(answer: str) -> str:
+    """Whitespace-free answer text: the majority-vote key when parsing is not possible."""
+    return "".join(normalise_answer(answer).split())
+
+
+@lru_cache(maxsize=8192)
+def _parse(text: str) -> tuple[Any, ...]:
+    """math-verify's parse of a normalised answer; cached (golds repeat across samples)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    return tuple(
+        parse(
+            f"${text}$",
+            extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+            parsing_timeout=None,  # our own deadline covers the whole judgement
+        )
+    )
+
+
+def _verify(gold: tuple[Any, ...], pred: tuple[Any, ...]) -> bool:
+    from math_verify import verify
+
+    return bool(gold and pred and verify(list(gold), list(pred), timeout_seconds=None))
+
+
+def golds_of(gold: Gold) -> list[str]:
+    return [gold] if isinstance(gold, str) else [str(g) for g in gold]
+
+
+def guard(answer: str | None) -> Judgement | None:
+    """The judgement for answers that must not reach the parser, else None."""
+    if not answer or not answer.strip():
+        return Judgement(False, "no_answer", None)
+    if len(answer) > MAX_ANSWER_CHARS or nesting_depth(answer) > MAX_NESTING:
+        return Judgement(False, "rejected", vote_key_of(answer[:MAX_ANSWER_CHARS]))
+    return None
+
+
+def judge(answer: str | None, gold: Gold, *, timeout: float | None = DEFAULT_TIMEOUT) -> Judgement:
+    """Is the extracted `answer` equivalent to the gold (any of a list of golds)?
+
+    Numbers, fractions, LaTeX expressions, intervals, sets / tuples, percentages and
+    trailing units are compared by math-verify; any parser error or a timeout is
+    "incorrect", with the reason in `status`.
+    """
+    guarded = guard(answer)
+    if guarded is not None:
+        return guarded
+    assert answer is not None
+    text = normalise_answer(answer)
+    key = vote_key_of(answer)
+    try:
+        with deadline(timeout):
+            pred = _parse(text)
+            if pred:
+                key = str(pred[0])  # sympy's print: \frac{1}{2} and 1/2 vote together
+            correct = any(_verify(_parse(normalise_answer(g)), pred) for g in golds_of(gold))
+        return Judgement(correct, "ok", key)
+    except GradingTimeout:
+        return Judgement(False, "timeout", key)
+    except (Exception, RecursionError):  # a parser bug must cost one item, not the run
+        return Judgement(False, "error", key)
+
+
+def grade(
+    completion: str,
+    gold: Gold,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    last_number_fallback: bool = True,
+) -> Verdict:
+    """Extract the final answer of `completion` and judge it against `gold`."""
+    found = extract_answer(completion, last_number_fallback=last_number_fallback)
+    return verdict_of(found, judge(found.answer, gold, timeout=timeout))
+
+
+def is_correct(
+    completion: str,
+    gold: Gold,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    last_number_fallback: bool = True,
+) -> bool:
+    """True when the completion's final answer matches `gold` (a string or a list of
+    acceptable answers). The reward function for GRPO; see `GraderPool` for batches."""
+    return grade(completion, gold, timeout=timeout, last_number_fallback=last_number_fallback).correct
+
+
+def verdict_of(found: Extraction, judgement: Judgement) -> Verdict:
+    """Combine an extraction and its judgement."""
+    return Verdict(judgement.correct, found.answer, found.method, judgement.status, judgement.vote_key)
+
+
+def __getattr__(name: str) -> Any:
+    # The pool lives in `jaxrast.grading_pool` (which imports this module); re-export it
+    # lazily so `from jaxrast.grading import GraderPool` works without an import cycle.
+    if name in ("GraderPool", "grade_many", "shared_pool"):
+        from jaxrast import grading_pool
+
+        return getattr(grading_pool, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "GraderPool",
+    "GradingTimeout",
+    "Judgement",
+    "Verdict",
+    "deadline",
+    "extract_answer",
+    "grade",
+    "grade_many",
+    "is_correct",
+    "judge",
+    "shared_pool",
+]

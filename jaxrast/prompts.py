@@ -1,0 +1,55 @@
+"""Prompt templates for math evaluation (used by `jaxrast decode`).
+
+A template is a Python `str.format` string over a normalised row's fields
+(`{question}`, plus any extra field such as `{subject}`); literal braces are doubled
+(`\\boxed{{}}`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# The RAST paper's default few-word CoT prompt, for base and RL models alike.
+PAPER_TEMPLATE = "Question:\n{question}\nAnswer:\nLet's think step by step.\n"
+
+# Qwen2.5(-Math) chat format asking for a boxed final answer.
+QWEN_BOXED_TEMPLATE = (
+    "<|im_start|>system\nPlease reason step by step, and put your final answer within "
+    "\\boxed{{}}.<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+TEMPLATES: dict[str, str] = {"paper": PAPER_TEMPLATE, "qwen_boxed": QWEN_BOXED_TEMPLATE}
+
+
+def get_template(name_or_text: str) -> str:
+    """A named template ("paper", "qwen_boxed") or, if the text has a `{field}`, itself.
+
+    User templates come from config as literal text, e.g.
+    `"Problem: {question}\\nSolution:"`.
+    """
+    if name_or_text in TEMPLATES:
+        return TEMPLATES[name_or_text]
+    if "{" in name_or_text:
+        return name_or_text
+    raise ValueError(
+        f"unknown prompt template {name_or_text!r}: use one of {sorted(TEMPLATES)} "
+        "or a format string with a field such as {question}"
+    )
+
+
+def render(template: str, row: Mapping[str, Any]) -> str:
+    """Fill `template` with the row's fields; a missing field is named in the error."""
+    try:
+        return template.format(**row)
+    except KeyError as err:
+        field = err.args[0]
+        raise ValueError(
+            f"prompt template needs field {{{field}}} but the row has only {sorted(row)}; "
+            "fix the template or the data's field mapping"
+        ) from None
+    except (IndexError, ValueError) as err:
+        raise ValueError(
+            f"prompt template is not a valid format string ({err}); "
+            "write literal braces as {{ and }}"
+        ) from None
