@@ -70,6 +70,9 @@ class Completion:
     token_ids: list[int]  # generated tokens, up to and including the one that ended the row
     text: str  # decoded, without special tokens and without the stop string
     finish_reason: str  # "stop" | "length"
+    # log p(token) under the combined logits z (τ = 1, unfiltered): the policy's own
+    # log-probs when decoding one model, as GRPO needs for its importance ratios
+    logprobs: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +83,7 @@ class Completion:
 class _LoopState:
     step: jax.Array  # [] next position in `out`
     out: jax.Array  # [batch, max_new] generated tokens
+    logp: jax.Array  # [batch, max_new] float32 log-prob of each generated token under z
     length: jax.Array  # [batch] tokens generated so far (incl. stop token)
     done: jax.Array  # [batch] bool
     stopped: jax.Array  # [batch] bool: finished on a stop token
@@ -139,7 +143,7 @@ class RAST:
         self.schedule = lam_schedule if callable(lam_schedule) else make_lam_schedule(lam_schedule)
         self.batch_size = batch_size
         self.stop_check_every = stop_check_every
-        self._graphdefs, self._states = zip(*(nnx.split(m) for m in models))
+        self._graphdefs = tuple(nnx.graphdef(m) for m in models)
         self._start = jax.jit(self._start_impl, static_argnames=("params", "limit"), donate_argnames=())
         self._resume = jax.jit(self._resume_impl, static_argnames=("params", "limit"), donate_argnums=(1,))
 
@@ -168,12 +172,14 @@ class RAST:
             tok = sample(step_keys, s.z, params.temperature, params.top_k, params.top_p)
             tok = jnp.where(s.done, pad_id, tok)
             out = jax.lax.dynamic_update_slice_in_dim(s.out, tok[:, None], s.step, axis=1)
+            tok_logp = jnp.take_along_axis(jax.nn.log_softmax(s.z, axis=-1), tok[:, None], axis=-1)
+            logp = jax.lax.dynamic_update_slice_in_dim(s.logp, tok_logp, s.step, axis=1)
             hit = jnp.isin(tok, stop_ids) & ~s.done
             length = jnp.where(s.done, s.length, s.step + 1)
             done = s.done | hit | (s.step + 1 >= params.max_new_tokens)
             logits, caches = self._forward(models, tok[:, None], s.pos[:, None], None, s.caches)
             z = self._combine(logits, s.step + 1, lams)
-            return _LoopState(step=s.step + 1, out=out, length=length, done=done, stopped=s.stopped | hit,
+            return _LoopState(step=s.step + 1, out=out, logp=logp, length=length, done=done, stopped=s.stopped | hit,
                               pos=s.pos + 1, z=z, keys=s.keys, caches=caches)
 
         return jax.lax.while_loop(cond, body, state)
@@ -191,6 +197,7 @@ class RAST:
         state = _LoopState(
             step=jnp.zeros((), jnp.int32),
             out=jnp.full((batch, params.max_new_tokens), pad_id, jnp.int32),
+            logp=jnp.zeros((batch, params.max_new_tokens), jnp.float32),
             length=jnp.zeros((batch,), jnp.int32), done=done, stopped=jnp.zeros((batch,), bool),
             pos=mask.sum(-1).astype(jnp.int32), z=self._combine(logits, jnp.zeros((), jnp.int32), lams),
             keys=keys, caches=caches)
@@ -229,6 +236,8 @@ class RAST:
         row_ids: a stable integer per prompt used to derive its random stream (default: its
         index), so a row's samples do not depend on batch composition or resumption.
         """
+        # Read the parameters afresh on every call: a trainer updates the models in place.
+        states = tuple(nnx.state(m) for m in self.models)
         encoded = self._encode(prompts)
         row_ids = list(range(len(encoded))) if row_ids is None else [int(r) for r in row_ids]
         rows = sorted(((i, s) for i in range(len(encoded)) for s in range(params.n)),
@@ -244,7 +253,7 @@ class RAST:
         t0, total_tokens = time.perf_counter(), 0
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            completions = self._run_batch(chunk, encoded, row_ids, params, base_key, stop_ids, pad_id)
+            completions = self._run_batch(states, chunk, encoded, row_ids, params, base_key, stop_ids, pad_id)
             total_tokens += sum(c.num_tokens for c in completions)
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - t0):.1f}")
@@ -259,7 +268,7 @@ class RAST:
                 result[c.index][c.sample] = c
         return result  # type: ignore[return-value]
 
-    def _run_batch(self, chunk, encoded, row_ids, params, base_key, stop_ids, pad_id) -> list[Completion]:
+    def _run_batch(self, states, chunk, encoded, row_ids, params, base_key, stop_ids, pad_id) -> list[Completion]:
         real = len(chunk)
         chunk = list(chunk) + [chunk[-1]] * (self.batch_size - real)  # fixed batch: one compile
         width = bucket_length(max(len(encoded[i]) for i, _ in chunk))
@@ -274,7 +283,7 @@ class RAST:
         lams = jnp.asarray(self.lams)
         every = params.max_new_tokens if not params.stop_strings else self.stop_check_every
         stop_dev = jnp.asarray(stop_ids)
-        state = self._start(self._states, self._put(tokens), self._put(mask), keys, self._put(done, _ROWS_SPEC),
+        state = self._start(states, self._put(tokens), self._put(mask), keys, self._put(done, _ROWS_SPEC),
                             lams, stop_dev, pad_id, params=params, limit=min(every, params.max_new_tokens))
         cut: dict[int, tuple[int, str]] = {}  # row -> (num_tokens, text) for stop-string hits
         while True:
@@ -292,20 +301,21 @@ class RAST:
                 all_done = bool(done.all())
             if all_done or step >= params.max_new_tokens:
                 break
-            state = self._resume(self._states, state, lams, stop_dev, pad_id, params=params,
+            state = self._resume(states, state, lams, stop_dev, pad_id, params=params,
                                  limit=min(step + every, params.max_new_tokens))
-        out, length, stopped = jax.device_get((state.out, state.length, state.stopped))
+        out, logp, length, stopped = jax.device_get((state.out, state.logp, state.length, state.stopped))
         results = []
         for r in range(real):
             i, s = chunk[r]
             if r in cut:
                 num_tokens, text = cut[r]
                 ids = out[r, :num_tokens].tolist()
-                results.append(Completion(i, s, ids, text, "stop"))
+                results.append(Completion(i, s, ids, text, "stop", logp[r, :num_tokens].tolist()))
                 continue
-            ids = out[r, :int(length[r])].tolist()
+            n = int(length[r])
+            ids = out[r, :n].tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-            results.append(Completion(i, s, ids, text, "stop" if stopped[r] else "length"))
+            results.append(Completion(i, s, ids, text, "stop" if stopped[r] else "length", logp[r, :n].tolist()))
         return results
 
     def _find_stop_string(self, ids: np.ndarray, stops: Sequence[str]) -> tuple[int, str] | None:

@@ -166,3 +166,19 @@ def test_mesh_greedy_equals_single_device(ckpt_dir):
         eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, mesh=mesh, batch_size=8)
         outs.append([c.token_ids for r in eng.generate(PROMPTS, params) for c in r])
     assert outs[0] == outs[1]
+
+
+def test_logprobs_match_teacher_forced_forward_and_weights_are_read_fresh(ckpt_dir):
+    model, _, tok = load_model(ckpt_dir("qwen2", seed=5))
+    eng = RAST(model, tokenizer=tok, batch_size=2)
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=2, stop_token_ids=())
+    (c,), = eng.generate(["abc"], params)
+    prompt = tok("abc", add_special_tokens=False)["input_ids"]
+    logits = _full_forward(model, jnp.asarray([prompt + c.token_ids]))[0]
+    logp = jax.nn.log_softmax(logits[len(prompt) - 1:-1, : len(tok)], axis=-1)
+    want = np.take_along_axis(np.asarray(logp), np.asarray(c.token_ids)[:, None], axis=1)[:, 0]
+    np.testing.assert_allclose(c.logprobs, want, atol=1e-4)
+    # an in-place parameter update (as an optimizer step does) is seen by the next call
+    model.lm_head.kernel[...] = jnp.zeros_like(model.lm_head.kernel[...])  # uniform next-token law
+    (c2,), = eng.generate(["abc"], params)
+    np.testing.assert_allclose(c2.logprobs, -np.log(len(tok)), rtol=1e-5)
