@@ -41,6 +41,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             value = from_dict(tp, value, f"{where}.{key}")
         elif isinstance(value, list) and typing.get_origin(tp) is tuple:
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        elif tp in (float, int) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            # YAML 1.1 reads '2e-5' as a string; coerce numbers to the field's type.
+            try:
+                value = tp(value)
+            except ValueError:
+                raise ValueError(f"{where}.{key}: expected {tp.__name__}, got {value!r}.") from None
         kwargs[key] = value
     return cls(**kwargs)
 
