@@ -13,6 +13,7 @@ import sys
 
 # name -> module path; add a line here when a command lands.
 COMMANDS: dict[str, str] = {
+    "decode": "jaxrast.commands.decode",
     "eval": "jaxrast.commands.eval",
 }
 

@@ -153,6 +153,7 @@ def load_rows(
     fields: FieldMap | Mapping[str, str] | None = None,
     *,
     split: str = "test",
+    require_answer: bool = True,
 ) -> list[Row]:
     """Normalised rows from a benchmark name, a JSONL file, a `datasets` dataset or rows.
 
@@ -161,6 +162,7 @@ def load_rows(
     (loaded with `split`, needs network or a local cache), or any iterable of dicts such
     as a `datasets.Dataset`. `fields` is a `FieldMap` or a dict of its fields, e.g.
     `{"id": "uid", "question": "prompt", "answer": "target", "answer_format": "gsm8k"}`.
+    `require_answer=False` accepts rows without an answer (decoding needs only questions).
     """
     if isinstance(source, (str, Path)) and fields is None and str(source).lower() in (
         *BENCHMARKS,
@@ -171,7 +173,7 @@ def load_rows(
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_file():
-            return normalise_rows(read_jsonl(path), fmap, source=str(path))
+            return normalise_rows(read_jsonl(path), fmap, source=str(path), require_answer=require_answer)
         import datasets  # heavy; only for dataset sources
 
         if path.is_dir():
@@ -182,17 +184,19 @@ def load_rows(
             raise FileNotFoundError(f"no such file: {source}")
         else:
             data = datasets.load_dataset(str(source), split=split)
-        return normalise_rows(data, fmap, source=str(source))
-    return normalise_rows(source, fmap, source=type(source).__name__)
+        return normalise_rows(data, fmap, source=str(source), require_answer=require_answer)
+    return normalise_rows(source, fmap, source=type(source).__name__, require_answer=require_answer)
 
 
-def normalise_rows(rows: Iterable[Mapping[str, Any]], fields: FieldMap, *, source: str) -> list[Row]:
+def normalise_rows(rows: Iterable[Mapping[str, Any]], fields: FieldMap, *, source: str,
+                   require_answer: bool = True) -> list[Row]:
     """Apply a field map to raw rows; errors name the source, row and missing field."""
     read_answer = _ANSWER_READERS[fields.answer_format]
     out: list[Row] = []
     seen: set[str] = set()
     for index, raw in enumerate(rows):
-        for key in (fields.question, fields.answer) + ((fields.id,) if fields.id else ()):
+        needed = (fields.question,) + ((fields.answer,) if require_answer else ()) + ((fields.id,) if fields.id else ())
+        for key in needed:
             if key not in raw:
                 raise ValueError(
                     f"{source}: row {index} has no field {key!r} (fields: {sorted(raw)}); "
@@ -205,9 +209,11 @@ def normalise_rows(rows: Iterable[Mapping[str, Any]], fields: FieldMap, *, sourc
         row: Row = {k: v for k, v in raw.items() if k not in ("id", "question", "answer")}
         if "answer" in raw and fields.answer != "answer":
             row["source_answer"] = raw["answer"]  # a source "answer" that is not the gold
-        if fields.answer_format in ("gsm8k", "boxed") and "solution" not in row:
+        if fields.answer_format in ("gsm8k", "boxed") and "solution" not in row and fields.answer in raw:
             row["solution"] = raw[fields.answer]  # the worked solution the answer came from
-        row.update(id=row_id, question=str(raw[fields.question]), answer=read_answer(raw[fields.answer]))
+        row.update(id=row_id, question=str(raw[fields.question]))
+        if fields.answer in raw:
+            row["answer"] = read_answer(raw[fields.answer])
         out.append(row)
     return out
 

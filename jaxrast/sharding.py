@@ -124,3 +124,26 @@ def cache_sharding(mesh: Mesh, cache: Any) -> Any:
         mask=named(mesh, CACHE_MASK_SPEC, cache.mask.shape, "cache mask"),
         index=NamedSharding(mesh, P()),
     )
+
+
+def parse_mesh(spec: str | None) -> Mesh | None:
+    """'data,fsdp,tensor' sizes (e.g. '1,-1,1' or 'fsdp=4,tensor=2') -> Mesh; None/'' -> None."""
+    if not spec:
+        return None
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    try:
+        if all("=" in p for p in parts):
+            for p in parts:
+                key, value = p.split("=")
+                if key not in sizes:
+                    raise ValueError
+                sizes[key] = int(value)
+        elif len(parts) == 3:
+            sizes = dict(zip(AXES, map(int, parts)))
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"mesh {spec!r}: use 'DATA,FSDP,TENSOR' sizes (e.g. '1,-1,1') or "
+                         "'fsdp=4,tensor=2' (one size may be -1: all remaining devices).") from None
+    return make_mesh(**sizes)

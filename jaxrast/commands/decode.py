@@ -1,0 +1,85 @@
+"""`jaxrast decode`: RAST / base / rl decoding of a benchmark or JSONL file into JSONL."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "decode"
+HELP = "Decode a dataset with a base model plus the RL shift of small pairs (resumable JSONL output)."
+
+EPILOG = """examples:
+  jaxrast decode --base Qwen/Qwen2.5-7B --pair Qwen/SimpleRL-1.5B Qwen/Qwen2.5-1.5B 1.0 \\
+                 --dataset math500 --n 8 --out runs/rast.jsonl
+  jaxrast decode --config configs/decode_qwen2.5_7b_rast.yaml --set n=32 --set out=runs/x.jsonl
+  jaxrast decode --base base/ --mode base --dataset my.jsonl --prompt-template '{question}' --temperature 0
+"""
+
+# CLI flag -> DecodeConfig field (flags left unset keep the YAML/default value)
+_FLAGS = ("base", "mode", "dataset", "limit", "prompt_template", "temperature", "top_p", "top_k", "n",
+          "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "dtype", "mesh")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add = parser.add_argument
+    add("--config", help="YAML config (fields of jaxrast.decode_job.DecodeConfig)")
+    add("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    add("--base", help="base model: checkpoint directory or hub id")
+    add("--pair", nargs=3, action="append", metavar=("RL", "REF", "LAM"), help="a small pair and its weight (repeatable)")
+    add("--rl", help="one pair's RL model (with --ref and --lam)")
+    add("--ref", help="one pair's reference (base) model")
+    add("--lam", type=float, help="one pair's weight λ (default 1.0)")
+    add("--mode", choices=("auto", "base", "rl", "rast"), help="base: base alone; rl: the first pair's RL model alone")
+    add("--dataset", help="benchmark name (math500, gsm8k, ...) or a JSONL file with id and question")
+    add("--limit", type=int, help="decode only the first N rows")
+    add("--prompt-template", help="'paper' (default), 'qwen_boxed' or a format string, e.g. '{question}'")
+    add("--temperature", type=float, help="0 = greedy (default 1.0)")
+    add("--top-p", type=float, help="nucleus mass (default 0.95)")
+    add("--top-k", type=int, help="0 = off")
+    add("--n", type=int, help="samples per prompt")
+    add("--max-new-tokens", type=int)
+    add("--seed", type=int)
+    add("--stop", action="append", metavar="TEXT", help="stop string (repeatable; default '\\nQuestion:')")
+    add("--lam-schedule", help="constant | warmup:N | first:N")
+    add("--out", help="output JSONL (appended; finished rows are skipped on rerun)")
+    add("--batch-size", type=int)
+    add("--dtype", choices=("auto", "float32", "bfloat16"))
+    add("--mesh", help="device mesh 'DATA,FSDP,TENSOR' (e.g. 1,-1,1)")
+    add("--allow-pickle", action="store_true", help="accept pytorch_model.bin checkpoints (pickles run code)")
+    add("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace):
+    from jaxrast.config_io import load_config
+    from jaxrast.decode_job import DecodeConfig
+
+    base: dict = {}
+    for name in _FLAGS:
+        if getattr(args, name, None) is not None:
+            base[name] = getattr(args, name)
+    pairs = [tuple(p) for p in (args.pair or [])]
+    if args.rl or args.ref:
+        if not (args.rl and args.ref):
+            raise ValueError("--rl and --ref go together (and optionally --lam).")
+        pairs.append((args.rl, args.ref, args.lam if args.lam is not None else 1.0))
+    if pairs:
+        base["pairs"] = tuple((rl, ref, float(lam)) for rl, ref, lam in pairs)
+    if args.stop:
+        base["stop"] = tuple(s.encode().decode("unicode_escape") for s in args.stop)
+    if args.allow_pickle:
+        base["allow_pickle"] = True
+    cfg = load_config(DecodeConfig, args.config, args.set)
+    for key, value in base.items():  # explicit flags win over the YAML file
+        setattr(cfg, key, value)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxrast.decode_job import run_decode
+
+    cfg = config_from_args(args)
+    summary = run_decode(cfg, progress=False if args.no_progress else True)
+    print(f"{summary['written']} rows written to {summary['out']} ({summary['skipped']} prompts already done, "
+          f"{summary['tokens']} tokens)")
+    return 0

@@ -1,0 +1,174 @@
+"""A decoding job: dataset rows -> prompts -> RAST completions appended to a JSONL file.
+
+The output is resumable: rows are appended (and fsync'ed) as each batch finishes, and a
+rerun of the same command skips every (id, sample) already written. A row's random stream
+depends only on (seed, id, sample), so resumed rows are the rows an uninterrupted run
+would have produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from typing import Any
+
+PAIR_HELP = "RL REF LAM"
+DEFAULT_STOP = ("\nQuestion:",)  # the paper's prompt: base models go on to invent a next question
+
+
+@dataclasses.dataclass
+class DecodeConfig:
+    base: str | None = None
+    pairs: tuple[tuple[Any, ...], ...] = ()  # ((rl_path, ref_path, lam), ...)
+    mode: str = "auto"  # auto | base | rl | rast
+    dataset: str = "math500"  # benchmark name or JSONL file with id + question
+    fields: dict | None = None  # field map for a custom dataset (see jaxrast.data.FieldMap)
+    limit: int | None = None  # first N rows only
+    prompt_template: str = "paper"  # "paper", "qwen_boxed" or a format string over the row
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    n: int = 1
+    max_new_tokens: int = 1024
+    seed: int = 0
+    stop: tuple[str, ...] = DEFAULT_STOP
+    lam_schedule: str = "constant"
+    out: str = "results.jsonl"
+    batch_size: int = 16
+    dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
+    mesh: str | None = None  # "data,fsdp,tensor", e.g. "1,-1,1"; None: one device
+    allow_pickle: bool = False
+
+    def resolved_mode(self) -> str:
+        if self.mode not in ("auto", "base", "rl", "rast"):
+            raise ValueError(f"mode {self.mode!r} is not one of auto, base, rl, rast.")
+        if self.mode == "auto":
+            return "rast" if self.pairs else "base"
+        return self.mode
+
+
+def row_uid(row_id: str) -> int:
+    """A stable 31-bit integer per row id: the row's random stream does not depend on order."""
+    return zlib.crc32(str(row_id).encode()) & 0x7FFFFFFF
+
+
+_RUN_KEYS = ("seed", "mode", "lam", "temperature", "top_p", "max_new_tokens")
+
+
+def read_finished(path: str, run: dict[str, Any]) -> set[tuple[str, int]]:
+    """(id, sample) pairs already in `path`. A torn last line (a crash mid-write) is cut off
+    so the file stays valid JSONL; rows from a different run configuration are an error."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    done = set()
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{lineno} is not valid JSON; repair or remove the line, or use a new --out.") from None
+        theirs = {k: row.get(k) for k in _RUN_KEYS}
+        if theirs != run:
+            diff = {k: (theirs[k], run[k]) for k in _RUN_KEYS if theirs[k] != run[k]}
+            raise ValueError(f"{path} already holds rows of another run ({', '.join(f'{k}: file {a!r}, now {b!r}' for k, (a, b) in diff.items())}). "
+                             "Use a new --out file, or the same settings to resume.")
+        done.add((str(row["id"]), int(row["sample"])))
+    return done
+
+
+def _load_models(cfg: DecodeConfig, mode: str, mesh, dtype):
+    from jaxrast.checkpoints import load_model
+    from jaxrast.decoding import Pair
+
+    cache: dict[str, tuple] = {}
+
+    def load(path):  # a checkpoint used twice (a shared ref) is loaded once
+        if path not in cache:
+            cache[path] = load_model(path, dtype=dtype, mesh=mesh, allow_pickle=cfg.allow_pickle)
+        return cache[path]
+
+    for p in cfg.pairs:
+        if len(p) != 3:
+            raise ValueError(f"each pair needs {PAIR_HELP}; got {list(p)}.")
+    if mode in ("rast", "rl") and not cfg.pairs:
+        raise ValueError(f"mode {mode!r} needs a pair: --pair RL REF LAM (or --rl/--ref/--lam).")
+    if mode in ("rast", "base") and not cfg.base:
+        raise ValueError(f"mode {mode!r} needs --base.")
+    if mode == "rl":  # the small RL model alone: neither the base nor any ref is loaded
+        model, _, tok = load(cfg.pairs[0][0])
+        return model, [], tok
+    base, _, tok = load(cfg.base)
+    if mode == "base":  # the small models are not loaded at all
+        return base, [], tok
+    pairs = []
+    for rl_path, ref_path, lam in cfg.pairs:
+        rl, _, rl_tok = load(rl_path)
+        ref, _, ref_tok = load(ref_path)
+        from jaxrast.decoding import check_tokenizers_compatible
+        check_tokenizers_compatible(rl_tok, ref_tok, f"ref {ref_path}")
+        pairs.append(Pair(rl, ref, float(lam), tokenizer=rl_tok))
+    return base, pairs, tok
+
+
+def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any]:
+    """Runs the job; returns a summary (rows written, skipped, tokens)."""
+    import jax
+
+    from jaxrast.checkpoints import as_dtype
+    from jaxrast.data import canonical_name, list_benchmarks, load_rows
+    from jaxrast.decoding import RAST, SamplingParams
+    from jaxrast.prompts import get_template, render
+    from jaxrast.sharding import parse_mesh
+
+    mode = cfg.resolved_mode()
+    template = get_template(cfg.prompt_template)
+    is_benchmark = cfg.fields is None and cfg.dataset.lower() in {*list_benchmarks(), "minerva_math", "olympiad", "math"}
+    rows = load_rows(cfg.dataset, cfg.fields, require_answer=False)[: cfg.limit]
+    benchmark = canonical_name(cfg.dataset) if is_benchmark else None
+    lams = [float(p[2]) for p in cfg.pairs] if mode == "rast" else []
+    run = {"seed": cfg.seed, "mode": mode, "lam": lams, "temperature": cfg.temperature, "top_p": cfg.top_p,
+           "max_new_tokens": cfg.max_new_tokens}
+    finished = read_finished(cfg.out, run)
+    todo = [r for r in rows if any((r["id"], s) not in finished for s in range(cfg.n))]
+    summary = {"rows": len(rows), "skipped": len(rows) - len(todo), "written": 0, "tokens": 0, "out": cfg.out}
+    if not todo:
+        return summary
+    dtype = ("float32" if jax.default_backend() == "cpu" else "bfloat16") if cfg.dtype == "auto" else cfg.dtype
+    mesh = parse_mesh(cfg.mesh)
+    model, pairs, tok = _load_models(cfg, mode, mesh, as_dtype(dtype))
+    if tok is None:
+        raise ValueError("the checkpoint has no tokenizer files; decoding text needs one.")
+    engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
+                  batch_size=cfg.batch_size)
+    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            max_new_tokens=cfg.max_new_tokens, n=cfg.n, stop_strings=tuple(cfg.stop),
+                            seed=cfg.seed)
+    prompts = [render(template, r) for r in todo]
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with open(cfg.out, "a", encoding="utf-8") as out:
+        for batch in engine.generate_iter(prompts, params, row_ids=[row_uid(r["id"]) for r in todo],
+                                          progress=progress):
+            lines = []
+            for c in batch:
+                row = todo[c.index]
+                if (row["id"], c.sample) in finished:
+                    continue  # written before a crash; the new sample is identical
+                record = {"id": row["id"], "benchmark": benchmark, "prompt": prompts[c.index], "sample": c.sample,
+                          "completion": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason, **run}
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                summary["tokens"] += c.num_tokens
+            out.write("".join(lines))
+            out.flush()
+            os.fsync(out.fileno())
+            summary["written"] += len(lines)
+    return summary
