@@ -1,0 +1,151 @@
+"""Decoding throughput: jaxrast RAST vs a HuggingFace transformers PyTorch loop doing the
+same three-model logit arithmetic (the seed paper's reference path), on the same
+checkpoints, prompts and lengths. Also jaxrast base-only and the per-step cost of fusion.
+
+    python benchmarks/decode.py                     # random ~10M base + ~1M pair, built here
+    python benchmarks/decode.py --base B --rl R --ref F   # any three HF checkpoints
+
+Prints tokens/s and the ratios (not a timed test: numbers depend on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+
+def build_random(directory: str, hidden: int, layers: int, heads: int, kv_heads: int, inter: int,
+                 vocab: int, seed: int) -> str:
+    """A random Qwen2 checkpoint (our own init, saved with save_hf) plus a char tokenizer."""
+    from flax import nnx
+
+    from jaxrast.checkpoints import save_hf
+    from jaxrast.models import CausalLM, ModelConfig
+    from jaxrast.tokenizer import char_tokenizer
+
+    cfg = ModelConfig("qwen2", vocab, hidden, inter, layers, heads, kv_heads, hidden // heads,
+                      attention_bias=True, eos_token_id=(1,))
+    model = CausalLM(cfg, rngs=nnx.Rngs(seed))
+    save_hf(model, char_tokenizer("0123456789abcdefghijklmnopqrstuvwxyz +-*=#:?.\n"), directory)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    print(f"built {directory}: {n / 1e6:.2f}M params")
+    return directory
+
+
+def prompts_for(batch: int, length: int) -> list[list[int]]:
+    rng = np.random.RandomState(0)
+    return [rng.randint(3, 40, size=length).tolist() for _ in range(batch)]
+
+
+def time_jax(engine, prompts, new_tokens: int, repeats: int = 3) -> float:
+    """Seconds per generate call (after a compile/warm-up call), all rows `new_tokens` long."""
+    from jaxrast.decoding import SamplingParams
+
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=new_tokens, stop_token_ids=())
+    engine.generate(prompts, params, progress=False)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        engine.generate(prompts, params, progress=False)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def time_torch(paths, lams, prompts, new_tokens: int, vocab: int, repeats: int = 2) -> float:
+    """The reference loop: each step runs every HF model on the new token with its own
+    KV cache, combines z_base + Σλ(z_rl − z_ref), samples top-p, appends."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in paths]
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    def run():
+        torch.manual_seed(0)
+        caches = [None] * len(models)
+        tokens, attn = ids, mask
+        positions = torch.arange(ids.shape[1])[None].expand_as(ids)
+        for step in range(new_tokens):
+            logits = []
+            for i, m in enumerate(models):
+                out = m(input_ids=tokens, attention_mask=attn, position_ids=positions, past_key_values=caches[i],
+                        use_cache=True)
+                caches[i] = out.past_key_values
+                logits.append(out.logits[:, -1, :vocab])
+            z = logits[0]
+            for k, lam in enumerate(lams):
+                z = z + lam * (logits[1 + 2 * k] - logits[2 + 2 * k])
+            probs = torch.softmax(z, -1)
+            sorted_p, order = probs.sort(-1, descending=True)
+            keep = (sorted_p.cumsum(-1) - sorted_p) < 0.95
+            sorted_p = sorted_p * keep
+            nxt = order.gather(-1, torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1))
+            tokens = nxt
+            attn = torch.cat([attn, torch.ones_like(nxt)], 1)
+            positions = positions[:, -1:] + 1
+
+    with torch.no_grad():
+        run()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base")
+    ap.add_argument("--rl")
+    ap.add_argument("--ref")
+    ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    args = ap.parse_args()
+
+    from jaxrast.checkpoints import load_model
+    from jaxrast.decoding import RAST, Pair
+
+    tmp = tempfile.mkdtemp(prefix="jaxrast_bench_")
+    base_path = args.base or build_random(os.path.join(tmp, "base"), 320, 8, 8, 2, 960, 512, 0)
+    rl_path = args.rl or build_random(os.path.join(tmp, "rl"), 128, 4, 4, 2, 384, 512, 1)
+    ref_path = args.ref or build_random(os.path.join(tmp, "ref"), 128, 4, 4, 2, 384, 512, 2)
+    (base, _, tok), (rl, _, _), (ref, _, _) = (load_model(p) for p in (base_path, rl_path, ref_path))
+    vocab = len(tok)
+    print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cpus; prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, top-p 0.95")
+    for batch in args.batches:
+        prompts = prompts_for(batch, args.prompt_len)
+        tokens = batch * args.new_tokens
+        engines = {
+            "rast": RAST(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=batch),
+            "base": RAST(base, tokenizer=tok, batch_size=batch),
+            "rl": RAST(rl, tokenizer=tok, batch_size=batch),
+            "ref": RAST(ref, tokenizer=tok, batch_size=batch),
+        }
+        secs = {name: time_jax(e, prompts, args.new_tokens) for name, e in engines.items()}
+        print(f"\nbatch {batch}:")
+        for name, s in secs.items():
+            print(f"  jaxrast {name:5s} {tokens / s:10.1f} tok/s  ({1e3 * s / args.new_tokens:.2f} ms/step)")
+        fused = secs["rast"] / (secs["base"] + secs["rl"] + secs["ref"])
+        print(f"  fusion: RAST step / (base + rl + ref steps) = {fused:.3f}   (RAST vs base alone: "
+              f"{secs['rast'] / secs['base']:.2f}x the time)")
+        if not args.no_torch:
+            import torch
+            torch.set_num_threads(os.cpu_count() or 1)
+            t = time_torch([base_path, rl_path, ref_path], [args.lam], prompts, args.new_tokens, vocab)
+            print(f"  torch  rast  {tokens / t:10.1f} tok/s  ({1e3 * t / args.new_tokens:.2f} ms/step)")
+            print(f"  speed-up jaxrast/torch (RAST): {t / secs['rast']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
