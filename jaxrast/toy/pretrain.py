@@ -39,6 +39,7 @@ class PretrainConfig:
     seq_len: int = 96
     lr: float = 2e-3
     warmup: int = 100
+    final_lr_fraction: float = 0.1  # cosine decay to this fraction of lr
     weight_decay: float = 0.01
     seed: int = 0
     task: ChainTask = dataclasses.field(default_factory=ChainTask)
@@ -67,11 +68,22 @@ def token_loss(model: CausalLM, tokens: jax.Array, mask: jax.Array) -> jax.Array
     return jnp.sum(nll * mask) / jnp.maximum(mask.sum(), 1)
 
 
+def drill_digit_accuracy(model: CausalLM, task: ChainTask, tok, rows: int = 64, seed: int = 12345) -> float:
+    """Teacher-forced accuracy of the answer digits of drill lines (a cheap learning probe)."""
+    tokens, _ = corpus_batch(task, tok, np.random.default_rng(seed), rows, 96, CorpusMix(1.0, 0.0, 0.0))
+    pred = np.asarray(jnp.argmax(model(jnp.asarray(tokens[:, :-1]))[0], -1))
+    eq = tok.convert_tokens_to_ids("=")
+    hits = [pred[b, i + j] == tokens[b, i + j + 1] for b, i in zip(*np.where(tokens[:, :-1] == eq))
+            for j in range(task.value_digits) if i + j < pred.shape[1]]
+    return float(np.mean(hits))
+
+
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> tuple[CausalLM, object, list[dict]]:
     """Trains a fresh model of `cfg.size` on the corpus; saves it to `cfg.out` in HF format."""
     tok = toy_tokenizer()
     model = CausalLM(model_config(cfg.size, tok), rngs=nnx.Rngs(cfg.seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps, cfg.lr * 0.1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps,
+                                                  cfg.lr * cfg.final_lr_fraction)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = tx.init(params)
@@ -91,8 +103,11 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> tuple[CausalLM, obje
         tokens, mask = corpus_batch(cfg.task, tok, rng, cfg.batch, cfg.seq_len, cfg.mix)
         params, opt_state, loss = step(params, opt_state, tokens, mask)
         if i % 100 == 0 or i == cfg.steps - 1:
-            history.append({"step": i, "loss": float(loss), "time": time.perf_counter() - t0})
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            entry = {"step": i, "loss": float(loss), "time": time.perf_counter() - t0}
+            if i % 500 == 0 or i == cfg.steps - 1:
+                entry["drill_digit_acc"] = drill_digit_accuracy(nnx.merge(graphdef, params), cfg.task, tok)
+            history.append(entry)
+            bar.set_postfix(loss=f"{float(loss):.3f}", drill=f"{history[-1].get('drill_digit_acc', float('nan')):.2f}")
     nnx.update(model, params)
     os.makedirs(cfg.out, exist_ok=True)
     save_hf(model, tok, cfg.out)

@@ -138,7 +138,7 @@ def corpus_batch(task: ChainTask, tok, rng: np.random.Generator, batch: int, seq
     probs = np.array([mix.drill, mix.stepwise, mix.direct], np.float64)
     probs = probs / probs.sum()
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    vocab = tok.get_vocab()
+    vocab = {c: tok(c, add_special_tokens=False)["input_ids"][0] for c in CHARS}
     tokens = np.full((batch, seq_len + 1), pad, np.int32)
     for b in range(batch):
         ids: list[int] = []
