@@ -13,6 +13,7 @@ import sys
 
 # name -> module path; add a line here when a command lands.
 COMMANDS: dict[str, str] = {
+    "analyze": "jaxrast.commands.analyze",
     "decode": "jaxrast.commands.decode",
     "demo": "jaxrast.commands.demo",
     "eval": "jaxrast.commands.eval",

@@ -40,6 +40,12 @@ class DecodeConfig:
     dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
     mesh: str | None = None  # "data,fsdp,tensor", e.g. "1,-1,1"; None: one device
     allow_pickle: bool = False
+    save_token_ids: bool = False  # also write prompt_ids and token_ids: exact input for `jaxrast analyze`
+    # per-step top tokens of base / delta / combined for rows "ID" or "ID:SAMPLE" decoded in this
+    # run, teacher-forced afterwards (see jaxrast.analysis); written to trace_out
+    trace_rows: tuple[str, ...] = ()
+    trace_top_k: int = 5
+    trace_out: str | None = None  # default: <out without .jsonl>.trace.jsonl
 
     def resolved_mode(self) -> str:
         if self.mode not in ("auto", "base", "rl", "rast"):
@@ -154,6 +160,10 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
                             max_new_tokens=cfg.max_new_tokens, n=cfg.n, stop_strings=tuple(cfg.stop),
                             seed=cfg.seed)
     prompts = [render(template, r) for r in todo]
+    traced = None
+    if cfg.trace_rows:
+        from jaxrast.analysis import Trajectory, parse_row_selector
+        traced, to_trace = parse_row_selector(cfg.trace_rows), []
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with open(cfg.out, "a", encoding="utf-8") as out:
         for batch in engine.generate_iter(prompts, params, row_ids=[row_uid(r["id"]) for r in todo],
@@ -165,10 +175,21 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
                     continue  # written before a crash; the new sample is identical
                 record = {"id": row["id"], "benchmark": benchmark, "prompt": prompts[c.index], "sample": c.sample,
                           "completion": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason, **run}
+                if cfg.save_token_ids or traced is not None:
+                    prompt_ids = tok(prompts[c.index], add_special_tokens=False)["input_ids"]  # as RAST encodes it
+                if cfg.save_token_ids:
+                    record.update(prompt_ids=prompt_ids, token_ids=c.token_ids)
+                if traced is not None and traced(row["id"], c.sample):
+                    to_trace.append(Trajectory(prompt_ids, c.token_ids, row["id"], c.sample))
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
                 summary["tokens"] += c.num_tokens
             out.write("".join(lines))
             out.flush()
             os.fsync(out.fileno())
             summary["written"] += len(lines)
+    if traced is not None and to_trace:
+        from jaxrast.analysis_reports import write_trace
+        summary["trace"] = write_trace(cfg.trace_out or cfg.out.removesuffix(".jsonl") + ".trace.jsonl", to_trace,
+                                       model, pairs, tok, vocab=engine.vocab, top_k=cfg.trace_top_k,
+                                       lam_schedule=engine.schedule, batch_size=cfg.batch_size, progress=progress)
     return summary

@@ -16,7 +16,7 @@ EPILOG = """examples:
 
 # CLI flag -> DecodeConfig field (flags left unset keep the YAML/default value)
 _FLAGS = ("base", "mode", "dataset", "limit", "prompt_template", "temperature", "top_p", "top_k", "n",
-          "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "dtype", "mesh")
+          "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "dtype", "mesh", "trace_top_k", "trace_out")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mesh", help="device mesh 'DATA,FSDP,TENSOR' (e.g. 1,-1,1)")
     add("--allow-pickle", action="store_true", help="accept pytorch_model.bin checkpoints (pickles run code)")
     add("--no-progress", action="store_true")
+    add("--save-token-ids", action="store_true",
+        help="also write each row's prompt_ids and generated token_ids (exact input for jaxrast analyze)")
+    add("--trace-rows", nargs="+", metavar="ID[:SAMPLE]",
+        help="log per-step top tokens of base, delta and combined for these rows (teacher-forced after decoding)")
+    add("--trace-top-k", type=int, help="tokens per distribution in the trace (default 5)")
+    add("--trace-out", metavar="JSONL", help="trace file (default: OUT with .trace.jsonl)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -69,6 +75,10 @@ def config_from_args(args: argparse.Namespace):
         base["stop"] = tuple(s.encode().decode("unicode_escape") for s in args.stop)
     if args.allow_pickle:
         base["allow_pickle"] = True
+    if args.save_token_ids:
+        base["save_token_ids"] = True
+    if args.trace_rows:
+        base["trace_rows"] = tuple(args.trace_rows)
     cfg = load_config(DecodeConfig, args.config, args.set)
     for key, value in base.items():  # explicit flags win over the YAML file
         setattr(cfg, key, value)
@@ -81,5 +91,5 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = run_decode(cfg, progress=False if args.no_progress else True)
     print(f"{summary['written']} rows written to {summary['out']} ({summary['skipped']} prompts already done, "
-          f"{summary['tokens']} tokens)")
+          f"{summary['tokens']} tokens)" + (f"; trace in {summary['trace']}" if "trace" in summary else ""))
     return 0
