@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "decode": "jaxrast.commands.decode",
     "demo": "jaxrast.commands.demo",
     "eval": "jaxrast.commands.eval",
+    "plan": "jaxrast.commands.plan",
 }
 
 

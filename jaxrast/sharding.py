@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -81,19 +81,38 @@ def rule_for(path: str) -> P:
     raise ValueError(f"no partition rule matches parameter {path!r}; add one to jaxrast.sharding.PARAM_RULES.")
 
 
-def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "") -> P:
-    """Drops mesh axes from dimensions they do not divide evenly (replicating them instead)."""
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh | Mapping[str, int], name: str = "",
+             warn: bool = True) -> P:
+    """Drops mesh axes from dimensions they do not divide evenly (replicating them instead).
+
+    `mesh` may be a Mesh or just its axis sizes ({"data": 1, "fsdp": 8, "tensor": 1}), so
+    memory planning applies the same rules without devices.
+    """
+    sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
     out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        kept = names
-        size = int(np.prod([mesh.shape[a] for a in kept])) if kept else 1
+    for dim, kept in _dim_axes(spec, shape):
+        size = int(np.prod([sizes[a] for a in kept])) if kept else 1
         if size > 1 and dim % size:
-            warnings.warn(f"{name or 'array'}: dimension {dim} is not divisible by mesh axes {kept} "
-                          f"(size {size}); replicating it instead.", stacklevel=3)
+            if warn:
+                warnings.warn(f"{name or 'array'}: dimension {dim} is not divisible by mesh axes {kept} "
+                              f"(size {size}); replicating it instead.", stacklevel=3)
             kept = ()
         out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
     return P(*out)
+
+
+def shard_shape(spec: P, shape: Sequence[int], sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """The per-device block of an array of `shape` laid out by `spec` (after `fit_spec`)."""
+    fitted = fit_spec(spec, shape, sizes, warn=False)
+    return tuple(dim // int(np.prod([sizes[a] for a in names])) if names else dim
+                 for dim, names in _dim_axes(fitted, shape))
+
+
+def _dim_axes(spec: P, shape: Sequence[int]) -> list[tuple[int, tuple[str, ...]]]:
+    """(dimension, mesh axes it is split over) for each dimension of an array of `shape`."""
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return [(dim, () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes))
+            for dim, axes in zip(shape, entries)]
 
 
 def named(mesh: Mesh, spec: P, shape: Sequence[int], name: str = "") -> NamedSharding:
@@ -126,10 +145,8 @@ def cache_sharding(mesh: Mesh, cache: Any) -> Any:
     )
 
 
-def parse_mesh(spec: str | None) -> Mesh | None:
-    """'data,fsdp,tensor' sizes (e.g. '1,-1,1' or 'fsdp=4,tensor=2') -> Mesh; None/'' -> None."""
-    if not spec:
-        return None
+def mesh_sizes(spec: str) -> dict[str, int]:
+    """'data,fsdp,tensor' sizes (e.g. '1,-1,1' or 'fsdp=4,tensor=2') -> {axis: size}; -1 is kept."""
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
     try:
@@ -146,4 +163,11 @@ def parse_mesh(spec: str | None) -> Mesh | None:
     except ValueError:
         raise ValueError(f"mesh {spec!r}: use 'DATA,FSDP,TENSOR' sizes (e.g. '1,-1,1') or "
                          "'fsdp=4,tensor=2' (one size may be -1: all remaining devices).") from None
-    return make_mesh(**sizes)
+    return sizes
+
+
+def parse_mesh(spec: str | None) -> Mesh | None:
+    """'data,fsdp,tensor' sizes (e.g. '1,-1,1' or 'fsdp=4,tensor=2') -> Mesh; None/'' -> None."""
+    if not spec:
+        return None
+    return make_mesh(**mesh_sizes(spec))
