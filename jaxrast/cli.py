@@ -14,6 +14,8 @@ import sys
 # name -> module path; add a line here when a command lands.
 COMMANDS: dict[str, str] = {
     "eval": "jaxrast.commands.eval",
+    "train": "jaxrast.commands.train",
+    "plot-train": "jaxrast.commands.plot_train",
 }
 
 
