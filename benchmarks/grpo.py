@@ -3,11 +3,13 @@
 Both train the same randomly initialised Qwen2 checkpoint (character tokenizer) on the
 same prompts with the same reward, G, completion length, batch and optimiser settings
 (on-policy: μ = 1, one optimiser update per rollout batch of prompts × G completions,
-token-mean loss, β = 0, AdamW with global-norm clipping). Reported: steps/s and generated
-completion tokens/s after warm-up steps (jit compilation, TRL's first-step set-up), and
-the ratio. TRL is an optional dependency (`pip install trl`); without it only jaxrast runs.
+token-mean loss, β = 0, AdamW with global-norm clipping). The two trainers' steps
+alternate (TRL, jaxrast, TRL, ...), so on a shared machine both meet the same load; each
+step is timed alone. Reported: steps/s and generated completion tokens/s after warm-up
+steps (jit compilation, TRL's first-step set-up), and the ratio. TRL is an optional
+dependency (`pip install trl`); without it only jaxrast runs.
 
-    python benchmarks/grpo.py [--prompts 8 --group 8 --max-new 64 --steps 5 --warmup 2]
+    python benchmarks/grpo.py [--prompts 8 --group 8 --max-new 128 --hidden 128 --threads 1]
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def make_model(directory: str, args) -> str:
     from jaxrast.tokenizer import char_tokenizer
 
     torch.manual_seed(0)
-    tok = char_tokenizer(CHARS)
+    # Extra symbols make the vocabulary LLM-like in that the stop token is rare, so
+    # completions run to about --max-new tokens in both trainers.
+    tok = char_tokenizer(CHARS + "".join(chr(0x100 + i) for i in range(args.vocab)))
     cfg = Qwen2Config(vocab_size=64, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                       num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
@@ -58,7 +62,7 @@ def prompts(n: int = 64) -> list[str]:
     return ["".join(rng.choice(CHARS[1:-1]) for _ in range(rng.randint(8, 16))) for _ in range(n)]
 
 
-def bench_jaxrast(model_dir: str, args) -> dict:
+def jaxrast_trainer(model_dir: str, args, out: str):
     from jaxrast.checkpoints import load_model
     from jaxrast.grpo.config import DataSpec, GRPOConfig, LossSpec, MeshSpec, OptimSpec, RolloutSpec
     from jaxrast.grpo.rewards import as_rewards
@@ -66,91 +70,124 @@ def bench_jaxrast(model_dir: str, args) -> dict:
 
     rows = [{"id": str(i), "question": q, "answer": ""} for i, q in enumerate(prompts())]
     batch = args.prompts * args.group
-    with tempfile.TemporaryDirectory() as out:
-        cfg = GRPOConfig(data=DataSpec(template="{question}"),
-                         rollout=RolloutSpec(prompts_per_step=args.prompts, group_size=args.group,
-                                             max_new_tokens=args.max_new, batch_size=batch),
-                         loss=LossSpec(micro_batch_size=batch, aggregation="token_mean"),
-                         optim=OptimSpec(lr=1e-6, max_grad_norm=1.0), mesh=MeshSpec(1, 1, 1),
-                         steps=args.warmup + args.steps, output_dir=out, progress=False, export_hf=False)
-        policy, _, tok = load_model(model_dir)
-        trainer = GRPOTrainer(cfg, policy=policy, tokenizer=tok, rows=rows, rewards=as_rewards([a_reward]))
-        for _ in range(args.warmup):
-            trainer.train_step()
-        start, tokens = time.perf_counter(), 0
-        for _ in range(args.steps):
-            tokens += trainer.train_step()["tokens"]
-        elapsed = time.perf_counter() - start
-        trainer.close()
-    return {"steps_per_s": args.steps / elapsed, "tokens_per_s": tokens / elapsed,
-            "mean_completion_len": tokens / (args.steps * batch)}
+    cfg = GRPOConfig(data=DataSpec(template="{question}"),
+                     rollout=RolloutSpec(prompts_per_step=args.prompts, group_size=args.group,
+                                         max_new_tokens=args.max_new, batch_size=batch),
+                     loss=LossSpec(micro_batch_size=batch, aggregation="token_mean"),
+                     optim=OptimSpec(lr=1e-6, max_grad_norm=1.0), mesh=MeshSpec(1, 1, 1),
+                     steps=args.warmup + args.steps, output_dir=out, progress=False, export_hf=False)
+    policy, _, tok = load_model(model_dir)
+    return GRPOTrainer(cfg, policy=policy, tokenizer=tok, rows=rows, rewards=as_rewards([a_reward]))
 
 
-def bench_trl(model_dir: str, args) -> dict:
+def run_trl(model_dir: str, args, out: str, after_step) -> list[tuple[float, float]]:
+    """Trains with TRL; returns (seconds, completion tokens) per step and calls
+    `after_step()` after each one (to interleave the other trainer's steps)."""
     import datasets
     import transformers
     import trl
 
     batch = args.prompts * args.group
-    times, lengths = [], []
+    samples: list[tuple[float, float]] = []
 
     class Clock(transformers.TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kw):
+            self.start = time.perf_counter()
+
         def on_step_end(self, targs, state, control, **kw):
-            times.append(time.perf_counter())
+            self.seconds = time.perf_counter() - self.start
 
         def on_log(self, targs, state, control, logs=None, **kw):
-            if logs and "completions/mean_length" in logs:
-                lengths.append(logs["completions/mean_length"])
+            if logs and "completions/mean_length" in logs:  # the step's own log line
+                samples.append((self.seconds, batch * float(logs["completions/mean_length"])))
+                after_step()
 
+    config = trl.GRPOConfig(
+        output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        num_generations=args.group, max_completion_length=args.max_new, temperature=1.0, top_p=1.0,
+        learning_rate=1e-6, max_grad_norm=1.0, beta=0.0, num_iterations=1, loss_type="dapo",
+        max_steps=args.warmup + args.steps, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    data = datasets.Dataset.from_list([{"prompt": p} for p in prompts()])
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    trl.GRPOTrainer(model=model_dir, reward_funcs=[a_reward], args=config, train_dataset=data,
+                    processing_class=tok, callbacks=[Clock()]).train()
+    return samples
+
+
+def summarise(samples: list[tuple[float, float]], args) -> dict:
+    timed = samples[args.warmup:]
+    seconds, tokens = sum(s for s, _ in timed), sum(t for _, t in timed)
+    return {"steps_per_s": len(timed) / seconds, "tokens_per_s": tokens / seconds,
+            "mean_completion_len": tokens / (len(timed) * args.prompts * args.group),
+            "step_seconds": [round(s, 4) for s, _ in timed]}
+
+
+def bench(model_dir: str, args) -> dict:
+    """Steps of the two trainers alternate (TRL step, jaxrast step, ...), so both meet the
+    same machine load; each step is timed on its own."""
     with tempfile.TemporaryDirectory() as out:
-        config = trl.GRPOConfig(
-            output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-            num_generations=args.group, max_completion_length=args.max_new, temperature=1.0, top_p=1.0,
-            learning_rate=1e-6, max_grad_norm=1.0, beta=0.0, num_iterations=1, loss_type="dapo",
-            max_steps=args.warmup + args.steps, logging_steps=1, save_strategy="no", report_to="none",
-            use_cpu=True, bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0)
-        data = datasets.Dataset.from_list([{"prompt": p} for p in prompts()])
-        tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-        trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=[a_reward], args=config, train_dataset=data,
-                                  processing_class=tok, callbacks=[Clock()])
-        trainer.train()
-    measured = times[args.warmup - 1:] if args.warmup else [times[0]] + times
-    elapsed = measured[-1] - measured[0]
-    steps = len(measured) - 1
-    mean_len = sum(lengths[-steps:]) / steps
-    return {"steps_per_s": steps / elapsed, "tokens_per_s": steps * batch * mean_len / elapsed,
-            "mean_completion_len": mean_len}
+        ours = jaxrast_trainer(model_dir, args, os.path.join(out, "jaxrast")) if args.only != "trl" else None
+        samples: dict[str, list] = {"jaxrast": [], "trl": []}
+
+        def jaxrast_step():
+            if ours is not None:
+                start = time.perf_counter()
+                tokens = ours.train_step()["tokens"]
+                samples["jaxrast"].append((time.perf_counter() - start, tokens))
+
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            trl = None
+            print("TRL is not installed (pip install trl); timing jaxrast alone.")
+        if trl is not None and args.only != "jaxrast":
+            samples["trl"] = run_trl(model_dir, args, os.path.join(out, "trl"), jaxrast_step)
+        while ours is not None and len(samples["jaxrast"]) < args.warmup + args.steps:
+            jaxrast_step()
+        if ours is not None:
+            ours.close()
+    return {name: summarise(s, args) for name, s in samples.items() if s}
+
+
+def limit_threads(n: int) -> None:
+    """Same CPU budget for both trainers (call before jax is imported)."""
+    if "jax" in sys.modules:
+        raise RuntimeError("limit_threads must run before jax is imported.")
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if n == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    import torch
+    torch.set_num_threads(n)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--group", type=int, default=8, help="G completions per prompt")
-    parser.add_argument("--max-new", type=int, default=64, help="max completion tokens")
+    parser.add_argument("--max-new", type=int, default=128, help="max completion tokens")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=1000, help="extra tokenizer symbols besides a-z")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for both (torch.set_num_threads; XLA single-threaded if 1); "
+                             "0 = each library's default. 1 avoids OpenMP spin-waiting on a busy machine")
     parser.add_argument("--only", choices=("jaxrast", "trl"), help="run one side only")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step compiles)")
 
-    results = {}
+    if args.threads:
+        limit_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_model(os.path.join(tmp, "tiny"), args)
-        if args.only != "trl":
-            results["jaxrast"] = bench_jaxrast(model_dir, args)
-        if args.only != "jaxrast":
-            try:
-                import trl  # noqa: F401
-            except ImportError:
-                print("TRL is not installed (pip install trl); skipping the TRL side.")
-            else:
-                results["trl"] = bench_trl(model_dir, args)
-    setup = (f"tiny qwen2 (hidden {args.hidden}, {args.layers} layers), {args.prompts} prompts x G={args.group}, "
-             f"max {args.max_new} new tokens, {args.steps} timed steps after {args.warmup} warm-up")
+        results = bench(make_model(os.path.join(tmp, "tiny"), args), args)
+    setup = (f"tiny qwen2 (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab + 31}), {args.prompts} prompts x G={args.group}, "
+             f"max {args.max_new} new tokens, {args.steps} timed steps after {args.warmup} warm-up, "
+             f"threads: {args.threads or 'default'}")
     print(setup)
     for name, r in results.items():
         print(f"  {name:8s} {r['steps_per_s']:8.3f} steps/s  {r['tokens_per_s']:10.1f} tokens/s  "
