@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "demo": "jaxrast.commands.demo",
     "eval": "jaxrast.commands.eval",
     "plan": "jaxrast.commands.plan",
+    "plot-train": "jaxrast.commands.plot_train",
+    "train": "jaxrast.commands.train",
 }
 
 

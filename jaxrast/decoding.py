@@ -283,8 +283,11 @@ class RAST:
         lams = jnp.asarray(self.lams)
         every = params.max_new_tokens if not params.stop_strings else self.stop_check_every
         stop_dev = jnp.asarray(stop_ids)
+        # The seed only makes the host-side keys above; keeping it out of the static
+        # arguments stops every new seed (a GRPO step) from recompiling the loop.
+        static = dataclasses.replace(params, seed=0)
         state = self._start(states, self._put(tokens), self._put(mask), keys, self._put(done, _ROWS_SPEC),
-                            lams, stop_dev, pad_id, params=params, limit=min(every, params.max_new_tokens))
+                            lams, stop_dev, pad_id, params=static, limit=min(every, params.max_new_tokens))
         cut: dict[int, tuple[int, str]] = {}  # row -> (num_tokens, text) for stop-string hits
         while True:
             step, all_done = int(state.step), bool(jnp.all(state.done))
@@ -301,7 +304,7 @@ class RAST:
                 all_done = bool(done.all())
             if all_done or step >= params.max_new_tokens:
                 break
-            state = self._resume(states, state, lams, stop_dev, pad_id, params=params,
+            state = self._resume(states, state, lams, stop_dev, pad_id, params=static,
                                  limit=min(step + every, params.max_new_tokens))
         out, logp, length, stopped = jax.device_get((state.out, state.logp, state.length, state.stopped))
         results = []
