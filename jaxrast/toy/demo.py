@@ -157,41 +157,37 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot_pass_at_k(table, ks, path, cfg) -> None:
+def _axes():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(6, 4))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_pass_at_k(table, ks, path, cfg) -> None:
+    fig, ax = _axes()
     for e in table:
         ax.plot(ks, [100 * e[f"pass@{k}"] for k in ks], marker="o", label=e["name"])
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k (%)")
-    ax.set_title(f"Toy chain task, {cfg.problems} held-out problems")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "k", "pass@k (%)", f"Toy chain task, {cfg.problems} held-out problems")
 
 
 def _plot_sweep(sweep, by, path, cfg) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lams = [s["lam"] for s in sweep]
-    ax.plot(lams, [100 * s["avg"] for s in sweep], marker="o", label="M_base + λ·ΔR_S")
+    fig, ax = _axes()
+    ax.plot([s["lam"] for s in sweep], [100 * s["avg"] for s in sweep], marker="o", label="M_base + λ·ΔR_S")
     for name, style in (("M_base", ":"), ("M_RL", "--"), ("S_RL", "-.")):
         ax.axhline(100 * by[name]["avg"], linestyle=style, color="gray", label=f"{name} (avg@{cfg.k})")
-    ax.set_xlabel("λ")
-    ax.set_ylabel(f"avg@{cfg.sweep_k} (%)")
-    ax.set_title(f"λ sweep, {cfg.sweep_problems} held-out problems")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "λ", f"avg@{cfg.sweep_k} (%)", f"λ sweep, {cfg.sweep_problems} held-out problems")

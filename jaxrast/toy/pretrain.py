@@ -36,7 +36,7 @@ class PretrainConfig:
     size: str = "S"
     steps: int = 3000
     batch: int = 128
-    seq_len: int = 96
+    seq_len: int = 64
     lr: float = 2e-3
     warmup: int = 100
     final_lr_fraction: float = 0.1  # cosine decay to this fraction of lr
@@ -70,7 +70,7 @@ def token_loss(model: CausalLM, tokens: jax.Array, mask: jax.Array) -> jax.Array
 
 def drill_digit_accuracy(model: CausalLM, task: ChainTask, tok, rows: int = 64, seed: int = 12345) -> float:
     """Teacher-forced accuracy of the answer digits of drill lines (a cheap learning probe)."""
-    tokens, _ = corpus_batch(task, tok, np.random.default_rng(seed), rows, 96, CorpusMix(1.0, 0.0, 0.0))
+    tokens, _ = corpus_batch(task, tok, np.random.default_rng(seed), rows, 64, CorpusMix(1.0, 0.0, 0.0))
     pred = np.asarray(jnp.argmax(model(jnp.asarray(tokens[:, :-1]))[0], -1))
     eq = tok.convert_tokens_to_ids("=")
     hits = [pred[b, i + j] == tokens[b, i + j + 1] for b, i in zip(*np.where(tokens[:, :-1] == eq))

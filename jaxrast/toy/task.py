@@ -29,12 +29,12 @@ class ChainTask:
     """Values modulo `modulus` (`value_digits` wide), `steps` operations drawn from `ops`.
     +/- operands are 1..`add_max`, * operands 2..`mul_max` (each `operand_digits` wide)."""
 
-    modulus: int = 1000
+    modulus: int = 100
     steps: int = 4
-    ops: str = "+-"
+    ops: str = "+-*"
     add_max: int = 99
     mul_max: int = 9
-    value_digits: int = 3
+    value_digits: int = 2
     operand_digits: int = 2
 
     def sample(self, rng: np.random.Generator) -> dict[str, Any]:
@@ -170,3 +170,8 @@ def reward_fn(task: ChainTask):
         return [float(task.is_correct(c, a)) for c, a in zip(completions, answer)]
     reward.__name__ = "toy_exact_answer"
     return reward
+
+
+def chain_reward(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any] = (), **_) -> list[float]:
+    """The default task's GRPO reward, by name: `rewards: {"jaxrast.toy.task:chain_reward": 1.0}`."""
+    return reward_fn(ChainTask())(prompts, completions, answer)
