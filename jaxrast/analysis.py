@@ -28,6 +28,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxrast.decoding import Pair, bucket_length
+from jaxrast.distributed import host_array
 from jaxrast.models.decoder import CausalLM
 from jaxrast.sampling import combine_logits, lam_schedule as make_lam_schedule
 
@@ -207,8 +208,8 @@ class TeacherForcer:
                 seq = trajs[i].prompt_ids + trajs[i].token_ids
                 tokens[r, :len(seq)], mask[r, :len(seq)] = seq, True
                 steps[r] = np.arange(1, width) - len(trajs[i].prompt_ids)
-            res = jax.device_get(self._apply(states, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(steps),
-                                             stats=stats))
+            # host inputs are replicated by jit; the gather reads results on every process
+            res = host_array(self._apply(states, tokens, mask, steps, stats=stats))
             for r, i in enumerate(chunk):
                 first, n = len(trajs[i].prompt_ids) - 1, len(trajs[i].token_ids)
                 out[i] = {k: np.asarray(v[r, first:first + n]) for k, v in res.items()}

@@ -278,8 +278,12 @@ def write_trace(path: str, trajs: Sequence[Trajectory], base, pairs: Sequence = 
 
     from jaxrast.analysis import trace_positions
 
+    from jaxrast.distributed import is_main
+
     per_pos = trace_positions(trajs, base, pairs, vocab=vocab, top_k=top_k, lam_schedule=lam_schedule,
                               batch_size=batch_size, progress=progress)
+    if not is_main():  # every process joins the teacher forcing; process 0 writes
+        return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for record in trace_records(trajs, per_pos, tokenizer, has_delta=bool(pairs)):

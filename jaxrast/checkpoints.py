@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from tqdm.auto import tqdm
 
+from jaxrast.distributed import host_array, is_main
 from jaxrast.models.config import ModelConfig
 from jaxrast.models.decoder import CausalLM
 from jaxrast.safetensors_io import SafetensorsFile, open_checkpoint, save_file
@@ -185,8 +186,9 @@ def load_model(path_or_id: str, *, dtype: Any = jnp.float32, param_dtype: Any = 
     available = source.keys()
     leaves = jax.tree_util.tree_leaves_with_path(abstract)
     flat_shardings = jax.tree_util.tree_leaves(shardings)
-    bar = tqdm(total=len(leaves), desc=f"loading {os.path.basename(directory.rstrip('/'))}",
-               unit="tensor", disable=progress is False or (progress is None and len(leaves) < 200))
+    quiet = progress is False or (progress is None and len(leaves) < 200) or not is_main()
+    bar = tqdm(total=len(leaves), desc=f"loading {os.path.basename(directory.rstrip('/'))}", unit="tensor",
+               disable=quiet)
     arrays = []
     for (path, leaf), sharding in zip(leaves, flat_shardings):
         name, transposed = hf_key(path_str(path))
@@ -213,13 +215,6 @@ def load_model(path_or_id: str, *, dtype: Any = jnp.float32, param_dtype: Any = 
     return nnx.merge(graphdef, state), cfg, load_tokenizer(directory)
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def save_hf(model: CausalLM, tokenizer, directory: str, *, dtype: Any = None,
             max_shard_bytes: int = 5 * 1024**3) -> str:
     """Writes `model` (and `tokenizer`) as a HuggingFace checkpoint that
@@ -233,11 +228,11 @@ def save_hf(model: CausalLM, tokenizer, directory: str, *, dtype: Any = None,
     tensors: dict[str, np.ndarray] = {}
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = hf_key(path_str(path))
-        arr = _host_array(value[...])
+        arr = host_array(value[...])  # every process joins the gather; only process 0 writes
         if dtype is not None:
             arr = arr.astype(np.dtype(as_dtype(dtype)))
         tensors[name] = np.ascontiguousarray(arr.T if transposed else arr)
-    if jax.process_index() != 0:
+    if not is_main():
         return directory
     os.makedirs(directory, exist_ok=True)
     config = cfg.to_hf_dict()

@@ -19,6 +19,8 @@ import numpy as np
 
 import orbax.checkpoint as ocp
 
+from jaxrast.distributed import host_array
+
 STATE, META = "state", "meta"
 
 
@@ -48,7 +50,7 @@ _checksums = jax.jit(lambda flat: {k: _mix(v) for k, v in flat.items()})
 
 def checksums(tree: Any) -> dict[str, int]:
     """{leaf path: uint32 checksum} of a pytree of arrays."""
-    return {k: int(v) for k, v in jax.device_get(_checksums(_flat(tree))).items()}
+    return {k: int(v) for k, v in host_array(_checksums(_flat(tree))).items()}
 
 
 class Checkpointer:

@@ -92,6 +92,25 @@ def read_finished(path: str, run: dict[str, Any]) -> set[tuple[str, int]]:
     return done
 
 
+def _finished_everywhere(path: str, run: dict[str, Any]) -> set[tuple[str, int]]:
+    """`read_finished` on process 0 (it may cut a torn line off the file), shared with every
+    process so all of them decode the same rows; its error, if any, is raised everywhere."""
+    from jaxrast.distributed import broadcast_json, is_main, process_count
+
+    if process_count() == 1:
+        return read_finished(path, run)
+    shared: dict[str, Any] = {}
+    if is_main():
+        try:
+            shared = {"done": sorted(read_finished(path, run))}
+        except (ValueError, OSError) as err:
+            shared = {"error": str(err)}
+    shared = broadcast_json(shared)
+    if "error" in shared:
+        raise ValueError(shared["error"])
+    return {(str(i), int(s)) for i, s in shared["done"]}
+
+
 def _load_models(cfg: DecodeConfig, mode: str, mesh, dtype):
     from jaxrast.checkpoints import load_model
     from jaxrast.decoding import Pair
@@ -127,12 +146,19 @@ def _load_models(cfg: DecodeConfig, mode: str, mesh, dtype):
 
 
 def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any]:
-    """Runs the job; returns a summary (rows written, skipped, tokens)."""
+    """Runs the job; returns a summary (rows written, skipped, tokens).
+
+    In a multi-process run every process decodes (each feeding its devices' slices of the
+    batch) and only process 0 reads and writes `cfg.out`, on its own file system.
+    """
+    import contextlib
+
     import jax
 
     from jaxrast.checkpoints import as_dtype
     from jaxrast.data import canonical_name, list_benchmarks, load_rows
     from jaxrast.decoding import RAST, SamplingParams
+    from jaxrast.distributed import is_main, process_count
     from jaxrast.prompts import get_template, render
     from jaxrast.sharding import parse_mesh
 
@@ -144,13 +170,14 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
     lams = [float(p[2]) for p in cfg.pairs] if mode == "rast" else []
     run = {"seed": cfg.seed, "mode": mode, "lam": lams, "temperature": cfg.temperature, "top_p": cfg.top_p,
            "max_new_tokens": cfg.max_new_tokens}
-    finished = read_finished(cfg.out, run)
+    finished = _finished_everywhere(cfg.out, run)
     todo = [r for r in rows if any((r["id"], s) not in finished for s in range(cfg.n))]
     summary = {"rows": len(rows), "skipped": len(rows) - len(todo), "written": 0, "tokens": 0, "out": cfg.out}
     if not todo:
         return summary
     dtype = ("float32" if jax.default_backend() == "cpu" else "bfloat16") if cfg.dtype == "auto" else cfg.dtype
-    mesh = parse_mesh(cfg.mesh)
+    # Several processes without a mesh would each decode everything on one device: use them all.
+    mesh = parse_mesh(cfg.mesh or ("1,-1,1" if process_count() > 1 else None))
     model, pairs, tok = _load_models(cfg, mode, mesh, as_dtype(dtype))
     if tok is None:
         raise ValueError("the checkpoint has no tokenizer files; decoding text needs one.")
@@ -164,10 +191,12 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
     if cfg.trace_rows:
         from jaxrast.analysis import Trajectory, parse_row_selector
         traced, to_trace = parse_row_selector(cfg.trace_rows), []
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    with open(cfg.out, "a", encoding="utf-8") as out:
+    main = is_main()
+    if main:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with open(cfg.out, "a", encoding="utf-8") if main else contextlib.nullcontext() as out:
         for batch in engine.generate_iter(prompts, params, row_ids=[row_uid(r["id"]) for r in todo],
-                                          progress=progress):
+                                          progress=progress if main else False):
             lines = []
             for c in batch:
                 row = todo[c.index]
@@ -183,9 +212,10 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
                     to_trace.append(Trajectory(prompt_ids, c.token_ids, row["id"], c.sample))
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
                 summary["tokens"] += c.num_tokens
-            out.write("".join(lines))
-            out.flush()
-            os.fsync(out.fileno())
+            if out is not None:
+                out.write("".join(lines))
+                out.flush()
+                os.fsync(out.fileno())
             summary["written"] += len(lines)
     if traced is not None and to_trace:
         from jaxrast.analysis_reports import write_trace

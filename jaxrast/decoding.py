@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jaxrast.distributed import host_array, put_global
 from jaxrast.models.decoder import CausalLM, KVCache
 from jaxrast.sampling import combine_logits, lam_schedule as make_lam_schedule, sample
 from jaxrast.sharding import BATCH, TOKENS_SPEC, cache_sharding, fit_spec
@@ -184,8 +185,9 @@ class RAST:
 
         return jax.lax.while_loop(cond, body, state)
 
-    def _start_impl(self, states, tokens, mask, keys, done, lams, stop_ids, pad_id, *, params, limit):
+    def _start_impl(self, states, tokens, mask, key_data, done, lams, stop_ids, pad_id, *, params, limit):
         models = [nnx.merge(g, s) for g, s in zip(self._graphdefs, states)]
+        keys = jax.random.wrap_key_data(key_data)
         batch, width = tokens.shape
         caches = []
         for m in models:
@@ -224,9 +226,10 @@ class RAST:
         return out
 
     def _put(self, x: np.ndarray, spec=TOKENS_SPEC):
+        """A host batch array on the mesh, split over its batch axes (each process feeds its own slices)."""
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(x, NamedSharding(self.mesh, fit_spec(spec, x.shape, self.mesh, "batch")))
+        return put_global(x, NamedSharding(self.mesh, fit_spec(spec, x.shape, self.mesh, "batch")))
 
     def generate_iter(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams = SamplingParams(),
                       *, row_ids: Sequence[int] | None = None, progress: bool | None = None
@@ -278,21 +281,27 @@ class RAST:
             ids = encoded[i]
             tokens[r, width - len(ids):] = ids
             mask[r, width - len(ids):] = True
-        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base_key, row_ids[i]), s) for i, s in chunk])
+        # Keys travel as raw uint32 data: a host array every process can feed its slices of.
+        keys = np.asarray(jax.random.key_data(jnp.stack(
+            [jax.random.fold_in(jax.random.fold_in(base_key, row_ids[i]), s) for i, s in chunk])))
         done = np.arange(len(chunk)) >= real  # padding rows start finished
-        lams = jnp.asarray(self.lams)
+        lams = self.lams  # lams and stop_ids stay host arrays: jit replicates them on every device
         every = params.max_new_tokens if not params.stop_strings else self.stop_check_every
-        stop_dev = jnp.asarray(stop_ids)
         # The seed only makes the host-side keys above; keeping it out of the static
         # arguments stops every new seed (a GRPO step) from recompiling the loop.
         static = dataclasses.replace(params, seed=0)
-        state = self._start(states, self._put(tokens), self._put(mask), keys, self._put(done, _ROWS_SPEC),
-                            lams, stop_dev, pad_id, params=static, limit=min(every, params.max_new_tokens))
+        state = self._start(states, self._put(tokens), self._put(mask), self._put(keys, _ROWS_SPEC),
+                            self._put(done, _ROWS_SPEC),
+                            lams, stop_ids, pad_id, params=static, limit=min(every, params.max_new_tokens))
         cut: dict[int, tuple[int, str]] = {}  # row -> (num_tokens, text) for stop-string hits
+        # Every host-side decision below is taken from gathered arrays, so all processes of a
+        # multi-process run take the same branches and keep issuing the same jitted calls.
         while True:
-            step, all_done = int(state.step), bool(jnp.all(state.done))
+            watched = (state.step, state.done) + ((state.out, state.length) if params.stop_strings else ())
+            step, done, *seen = host_array(watched)
+            step, all_done = int(step), bool(done.all())
             if params.stop_strings:
-                out, length, done = jax.device_get((state.out, state.length, state.done))
+                out, length = seen
                 done = np.array(done)
                 for r in range(real):
                     if r not in cut:
@@ -304,9 +313,9 @@ class RAST:
                 all_done = bool(done.all())
             if all_done or step >= params.max_new_tokens:
                 break
-            state = self._resume(states, state, lams, stop_dev, pad_id, params=static,
+            state = self._resume(states, state, lams, stop_ids, pad_id, params=static,
                                  limit=min(step + every, params.max_new_tokens))
-        out, logp, length, stopped = jax.device_get((state.out, state.logp, state.length, state.stopped))
+        out, logp, length, stopped = host_array((state.out, state.logp, state.length, state.stopped))
         results = []
         for r in range(real):
             i, s = chunk[r]

@@ -99,8 +99,8 @@ def test_launch_runs_the_same_command_on_all_workers(dry):
     args = ["decode", "--config", "configs/tpu_vm/v5e-16_qwen2.5-32b_rast.yaml", "--set", "out=runs/it's here.jsonl"]
     (ssh,) = dry("tpu_vm/launch.sh", *args, SLICE="v5e-16")
     cmd = remote(ssh)
-    assert cmd.startswith("cd $HOME/jaxrast && HF_HUB_OFFLINE=1 $HOME/jaxrast-venv/bin/jaxrast ")
-    assert shlex.split(cmd.split(" && ", 1)[1])[2:] == args  # arguments survive both levels of quoting
+    assert cmd.startswith("cd $HOME/jaxrast && HF_HUB_OFFLINE=1 JAXRAST_DISTRIBUTED=1 $HOME/jaxrast-venv/bin/jaxrast ")
+    assert shlex.split(cmd.split(" && ", 1)[1])[3:] == args  # arguments survive both levels of quoting
     (ssh,) = dry("tpu_vm/launch.sh", "decode", "--config", "c.yaml", DETACH="1", LOG_NAME="run1")
     assert remote(ssh).endswith("> $HOME/jaxrast-logs/run1.log 2>&1 < /dev/null & disown")
     (scp,) = dry("tpu_vm/fetch_results.sh", "runs/x.jsonl", "out/")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from jaxrast.distributed import add_arguments as add_distributed_arguments
+
 NAME = "decode"
 HELP = "Decode a dataset with a base model plus the RL shift of small pairs (resumable JSONL output)."
 
@@ -54,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="log per-step top tokens of base, delta and combined for these rows (teacher-forced after decoding)")
     add("--trace-top-k", type=int, help="tokens per distribution in the trace (default 5)")
     add("--trace-out", metavar="JSONL", help="trace file (default: OUT with .trace.jsonl)")
+    add_distributed_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -87,9 +90,12 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from jaxrast.decode_job import run_decode
+    from jaxrast.distributed import is_main, maybe_initialize
 
     cfg = config_from_args(args)
+    maybe_initialize(args)  # before anything touches devices
     summary = run_decode(cfg, progress=False if args.no_progress else True)
-    print(f"{summary['written']} rows written to {summary['out']} ({summary['skipped']} prompts already done, "
-          f"{summary['tokens']} tokens)" + (f"; trace in {summary['trace']}" if "trace" in summary else ""))
+    if is_main():
+        print(f"{summary['written']} rows written to {summary['out']} ({summary['skipped']} prompts already done, "
+              f"{summary['tokens']} tokens)" + (f"; trace in {summary['trace']}" if "trace" in summary else ""))
     return 0

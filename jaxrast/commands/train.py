@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from jaxrast.distributed import add_arguments as add_distributed_arguments
+
 NAME = "train"
 HELP = "GRPO-train a small model (the rl side of a RAST pair) from a YAML config."
 
@@ -26,16 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override config keys, e.g. --set steps=50 optim.lr=1e-6 loss.beta=0.001")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest intact checkpoint in output_dir (fresh start if none)")
+    add_distributed_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from jaxrast.checkpoints import load_model
     from jaxrast.config_io import load_config
     from jaxrast.data import load_rows
+    from jaxrast.distributed import is_main, maybe_initialize
     from jaxrast.grpo.config import GRPOConfig
     from jaxrast.grpo.trainer import build_mesh, train
 
     cfg = load_config(GRPOConfig, args.config, args.set).validate()
+    maybe_initialize(args)  # before anything touches devices
     if not cfg.model.path:
         raise ValueError("model.path is empty; set it in the config or with --set model.path=CHECKPOINT_DIR.")
     if not cfg.data.source:
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     # Without ref_path the trainer copies the initial policy: no second load.
     ref = load_model(cfg.model.ref_path, **load)[0] if cfg.loss.beta > 0 and cfg.model.ref_path else None
     history = train(cfg, policy=policy, tokenizer=tokenizer, rows=rows, ref=ref, mesh=mesh, resume=args.resume)
-    if history:
+    if history and is_main():
         last = history[-1]
         print(f"step {last['step']}: reward {last['reward_mean']:.4f}, kl {last['kl']:.5f}; "
               f"metrics in {cfg.output_dir}/metrics.jsonl")

@@ -28,11 +28,14 @@ class MetricsLog:
     """Appends one JSON line per step to `path`.
 
     On resume from step s, lines of steps > s (written after that checkpoint by the run
-    that died) are dropped first, so the file holds each step once.
+    that died) are dropped first, so the file holds each step once. `enabled=False` makes
+    it a no-op (the processes other than 0 of a multi-process run).
     """
 
-    def __init__(self, path: str, *, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: str, *, resume_step: int | None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         kept = []
         if resume_step is not None and os.path.exists(path):
@@ -41,6 +44,8 @@ class MetricsLog:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def write(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
             f.flush()

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrast.distributed import put_global
 from jaxrast.grpo.config import LossSpec, OptimSpec
 from jaxrast.grpo.losses import grpo_token_loss, token_logprobs
 from jaxrast.sharding import BATCH, PARAM_RULES, fit_spec, path_str
@@ -80,9 +81,10 @@ class Programs:
         self.score = jax.jit(self._score, static_argnames=("width_t",))
 
     def put(self, x: Any) -> jax.Array:
-        """Places a host array [micro_batches, micro_batch_size, ...] with its batch axis split."""
+        """Places a host array [micro_batches, micro_batch_size, ...] with its batch axis split
+        (in a multi-process run each process feeds only its own devices' slices)."""
         spec = fit_spec(P(None, BATCH), x.shape, self.mesh, "micro-batch")
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        return put_global(x, NamedSharding(self.mesh, spec))
 
     def _logprobs(self, params: nnx.State, tokens: jax.Array, mask: jax.Array, width_t: int):
         """log π(completion tokens) and entropies, [batch, T] each, from the model's one forward."""

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from jaxrast.ckpt import Checkpointer, abstract_like
 from jaxrast.config_io import save_config, to_dict
 from jaxrast.decoding import RAST, SamplingParams
+from jaxrast.distributed import any_process, host_array, is_main
 from jaxrast.grpo.batch import PromptStream, RolloutArrays, build_rollout, encode_prompts, rows_for, split_micro
 from jaxrast.grpo.config import GRPOConfig, MeshSpec
 from jaxrast.grpo.log import MetricsLog
@@ -149,7 +150,7 @@ class GRPOTrainer:
         cfg, lo = self.cfg, self.cfg.loss
         rows, width_t = arrays.tokens.shape[0], arrays.completion_width
         put = lambda x: self.programs.put(split_micro(x, lo.micro_batch_size))  # noqa: E731
-        score = lambda params: np.asarray(self.programs.score(  # noqa: E731
+        score = lambda params: host_array(self.programs.score(  # noqa: E731
             params, put(arrays.tokens), put(arrays.mask), width_t=width_t)).reshape(rows, width_t)
         extra = {}
         zeros = np.zeros_like(arrays.sampler_logp)
@@ -175,7 +176,7 @@ class GRPOTrainer:
                 self.params, self.opt_state, m = self.programs.update(self.params, self.opt_state, batch)
                 m["lr"] = self.schedule(updates_before + it * lo.mini_batches + j)
                 metrics.append(m)
-        return jax.device_get(metrics), extra
+        return host_array(metrics), extra
 
     def train_step(self) -> dict[str, Any]:
         """One rollout batch and its updates; returns the step's metrics."""
@@ -225,15 +226,17 @@ class GRPOTrainer:
         Checkpoints every `save_every` steps and at exit. SIGTERM / Ctrl-C finish the
         current step, save and return (a second Ctrl-C aborts at once).
         """
-        cfg = self.cfg
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-        log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=self.step)
+        cfg, main = self.cfg, is_main()
+        if main:  # in a multi-process run process 0 writes the files; orbax coordinates checkpoints
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=self.step, enabled=main)
         history = []
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", disable=not (cfg.progress and main))
         restore_signals = self._catch_signals()
         try:
-            while self.step < cfg.steps and not self._stop_requested:
+            # all processes must stop at the same step, even if a signal reached only some of them
+            while self.step < cfg.steps and not any_process(self._stop_requested):
                 metrics = self.train_step()
                 history.append(metrics)
                 log.write(metrics)
