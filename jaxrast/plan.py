@@ -118,9 +118,9 @@ def param_buffers(cfg: ModelConfig, nbytes: int) -> tuple[Buffer, ...]:
 # ---- decoding -----------------------------------------------------------------------------
 
 def kv_cache_buffers(cfg: ModelConfig, batch: int, length: int, nbytes: int) -> tuple[Buffer, ...]:
-    """K and V of every layer: 2·L arrays [B, T, kv, d] (KV_CACHE_SPEC: batch over data×fsdp,
+    """K and V of every layer: 2·L arrays [B, kv, T, d] (KV_CACHE_SPEC: batch over data×fsdp,
     kv heads over tensor when divisible), i.e. 2·L·kv·d·bytes per token."""
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
     return (Buffer(shape, nbytes, KV_CACHE_SPEC, 2 * cfg.num_hidden_layers),)
 
 

@@ -34,7 +34,7 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"(input_layernorm|post_attention_layernorm|norm)\.weight$", P()),
     (r"lm_head\.kernel$", P("fsdp", "tensor")),
 )
-KV_CACHE_SPEC = P(BATCH, None, "tensor", None)  # [batch, max_len, kv_heads, head_dim]
+KV_CACHE_SPEC = P(BATCH, "tensor", None, None)  # k [batch, kv_heads, d, len], v [batch, kv_heads, len, d]
 CACHE_MASK_SPEC = P(BATCH, None)  # [batch, max_len]
 TOKENS_SPEC = P(BATCH, None)  # [batch, time]
 

@@ -42,7 +42,7 @@ def test_mesh_logits_match_single_device(ckpt_dir, fsdp, tensor):
 
     cache = KVCache.init(cfg, batch=4, max_len=128)
     cache = jax.device_put(cache, cache_sharding(mesh, cache))
-    kv_spec = P(("data", "fsdp"), None, "tensor" if cfg.num_key_value_heads % tensor == 0 else None, None)
+    kv_spec = P(("data", "fsdp"), "tensor" if cfg.num_key_value_heads % tensor == 0 else None, None, None)
     assert cache.k[0].sharding.spec == kv_spec
     logits, cache = jax.jit(lambda m, x, c: m(x, cache=c))(model, batch_ids, cache)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=1e-5, rtol=0)

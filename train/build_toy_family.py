@@ -118,9 +118,11 @@ def write_provenance(args, work: str, log: dict, stats: dict) -> None:
         total += meta["wall_seconds"]
     for c in log.get("commands", []):
         if "pretrain_toy" not in c["cmd"]:
-            lines.append(f"| GRPO | `{c['cmd']}` | {c['seconds']} |")
+            cmd = c["cmd"].replace(sys.executable, "python").replace(work, os.path.relpath(work, ROOT))
+            lines.append(f"| GRPO | `{cmd}` | {c['seconds']} |")
             total += c["seconds"]
-    lines += ["", f"Total training wall time: {total / 60:.1f} minutes.", "",
+    lines += ["", f"Total training wall time: {total / 60:.1f} minutes (measured on a shared 2-core machine; "
+              "other jobs ran beside the M pretraining).", "",
               "Seeds: pretraining data/init seed as in the commands; GRPO rows: chain problems of seed "
               f"{GRPO_ROWS_SEED}; GRPO run seed: `seed` in `configs/grpo_toy_*.yaml`. The demo's held-out "
               "problems use a seed used nowhere here.", "",
@@ -130,8 +132,9 @@ def write_provenance(args, work: str, log: dict, stats: dict) -> None:
               "|---|---|---|---|---|---|---|---|---|"]
     for name, s in stats.items():
         d = s["drill_greedy"]
-        lines.append(f"| {name} | {100 * s['stepwise_share']:.0f}% | {100 * s['acc_stepwise']:.1f}% | "
-                     f"{100 * s['acc_direct']:.1f}% | {100 * s['avg']:.1f}% | {100 * s['step_accuracy']:.1f}% | "
+        pct = lambda x: "–" if x != x else f"{100 * x:.1f}%"  # noqa: E731  (nan: no such answers)
+        lines.append(f"| {name} | {100 * s['stepwise_share']:.0f}% | {pct(s['acc_stepwise'])} | "
+                     f"{pct(s['acc_direct'])} | {100 * s['avg']:.1f}% | {100 * s['step_accuracy']:.1f}% | "
                      f"{100 * d.get('+', 0):.0f}% | {100 * d.get('-', 0):.0f}% | {100 * d.get('*', 0):.0f}% |")
     with open(os.path.join(args.out, "PROVENANCE.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -11,7 +11,7 @@ HELP = "Run RAST on the shipped toy family: S_base, S_RL, M_base, RAST, M_RL wit
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--problems", type=int, help="held-out problems (default 1000)")
-    add("--k", type=int, help="samples per problem: avg@k and pass@1..k (default 16)")
+    add("--k", type=int, help="samples per problem: avg@k and pass@1..k (default 8)")
     add("--lam", type=float, help="λ of the RAST row (default 1.0)")
     add("--sweep", type=float, nargs="+", metavar="LAM", help="λ values of the sweep plot")
     add("--sweep-problems", type=int, help="problems in the λ sweep (default 250)")

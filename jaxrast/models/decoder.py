@@ -3,7 +3,8 @@
 One forward serves every use: full-sequence scoring (training, analysis) and cached
 decoding (prefill, then one token per step). Shapes: tokens `[batch, time]`, hidden
 `[batch, time, hidden]`, logits `[batch, time, vocab]` (float32), KV cache
-per layer `[batch, max_len, kv_heads, head_dim]`.
+per layer: keys `[batch, kv_heads, head_dim, max_len]`, values
+`[batch, kv_heads, max_len, head_dim]`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ _MASKED = -1e30
 class KVCache:
     """Keys/values of every layer for `max_len` slots; all rows write at the same slot.
 
-    k, v:  one array per layer, each [batch, max_len, kv_heads, head_dim] (separate
-           arrays so each step updates them in place, with no stacking copy)
+    k:     one array per layer, [batch, kv_heads, head_dim, max_len] (keys transposed)
+    v:     one array per layer, [batch, kv_heads, max_len, head_dim]
+           (separate arrays per layer so each step updates them in place, no stacking copy)
     mask:  [batch, max_len] bool, True where the slot holds a real (non-pad) token
     index: [] int32, the next slot to write
     """
@@ -41,11 +43,12 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        k_shape = (batch, cfg.num_key_value_heads, cfg.head_dim, max_len)
+        v_shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         layers = range(cfg.num_hidden_layers)
         return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            k=tuple(jnp.zeros(k_shape, dtype) for _ in layers),
+            v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
             mask=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((), jnp.int32),
         )
@@ -126,19 +129,25 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
         k = apply_rope(self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, inv_freq)
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        # Head-major layouts, keys transposed: k [b, kv, d, time], v [b, kv, time, d]. Both
+        # attention matmuls then have their batch dims (b, kv) leading and contract over a
+        # non-minor dim, which XLA:CPU runs ~6x faster than a per-row reduction over d; the
+        # cache is stored the same way so decoding never transposes it.
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
         if k_cache is not None:
-            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=3)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=2)
             k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
-        s = k.shape[1]
+        s = v.shape[2]
         # GQA: group query heads by their shared kv head instead of repeating k/v.
-        q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
+        scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(cfg.head_dim)
         allowed = (jnp.arange(s)[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [b, t, s]
         scores = jnp.where(allowed[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # [b, kv, g, t, d]
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
         return self.o_proj(out), k_cache, v_cache
 
 
