@@ -1,6 +1,7 @@
 """Decoding throughput: jaxrast RAST vs a HuggingFace transformers PyTorch loop doing the
-same three-model logit arithmetic (the seed paper's reference path), on the same
-checkpoints, prompts and lengths. Also jaxrast base-only and the per-step cost of fusion.
+same three-model logit arithmetic, on the same checkpoints, prompts and lengths: the seed
+paper's own loop (full prefix recomputed every step) and a KV-cached one. Also jaxrast
+base-only and the per-step cost of fusion.
 
     python benchmarks/decode.py                     # random ~10M base + ~1M pair, built here
     python benchmarks/decode.py --base B --rl R --ref F   # any three HF checkpoints
@@ -37,12 +38,13 @@ def build_random(directory: str, hidden: int, layers: int, heads: int, kv_heads:
     return directory
 
 
-def prompts_for(batch: int, length: int) -> list[list[int]]:
+def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
+    """Random prompts over the real (non-special) token ids."""
     rng = np.random.RandomState(0)
-    return [rng.randint(3, 40, size=length).tolist() for _ in range(batch)]
+    return [rng.randint(3, vocab - 1, size=length).tolist() for _ in range(batch)]
 
 
-def time_jax(engine, prompts, new_tokens: int, repeats: int = 3) -> float:
+def time_jax(engine, prompts, new_tokens: int, repeats: int = 7) -> float:
     """Seconds per generate call (after a compile/warm-up call), all rows `new_tokens` long."""
     from jaxrast.decoding import SamplingParams
 
@@ -56,9 +58,11 @@ def time_jax(engine, prompts, new_tokens: int, repeats: int = 3) -> float:
     return best
 
 
-def time_torch(paths, lams, prompts, new_tokens: int, vocab: int, repeats: int = 2) -> float:
-    """The reference loop: each step runs every HF model on the new token with its own
-    KV cache, combines z_base + Σλ(z_rl − z_ref), samples top-p, appends."""
+def time_torch(paths, lams, prompts, new_tokens: int, vocab: int, repeats: int = 2, cached: bool = True) -> float:
+    """The PyTorch reference loop: each step runs every HF model, combines
+    z_base + Σλ(z_rl − z_ref), samples top-p, appends. cached=False is the seed paper's own
+    path (analysis/greedy_delta.py in ozyyshr/RAST: the full prefix re-run through all three
+    models every step); cached=True gives every model its own KV cache (a stronger peer)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -71,12 +75,16 @@ def time_torch(paths, lams, prompts, new_tokens: int, vocab: int, repeats: int =
         caches = [None] * len(models)
         tokens, attn = ids, mask
         positions = torch.arange(ids.shape[1])[None].expand_as(ids)
+        seq = ids
         for step in range(new_tokens):
             logits = []
             for i, m in enumerate(models):
-                out = m(input_ids=tokens, attention_mask=attn, position_ids=positions, past_key_values=caches[i],
-                        use_cache=True)
-                caches[i] = out.past_key_values
+                if cached:
+                    out = m(input_ids=tokens, attention_mask=attn, position_ids=positions,
+                            past_key_values=caches[i], use_cache=True)
+                    caches[i] = out.past_key_values
+                else:
+                    out = m(input_ids=seq, use_cache=False)
                 logits.append(out.logits[:, -1, :vocab])
             z = logits[0]
             for k, lam in enumerate(lams):
@@ -87,6 +95,7 @@ def time_torch(paths, lams, prompts, new_tokens: int, vocab: int, repeats: int =
             sorted_p = sorted_p * keep
             nxt = order.gather(-1, torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1))
             tokens = nxt
+            seq = torch.cat([seq, nxt], 1)
             attn = torch.cat([attn, torch.ones_like(nxt)], 1)
             positions = positions[:, -1:] + 1
 
@@ -124,7 +133,7 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cpus; prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, top-p 0.95")
     for batch in args.batches:
-        prompts = prompts_for(batch, args.prompt_len)
+        prompts = prompts_for(batch, args.prompt_len, vocab)
         tokens = batch * args.new_tokens
         engines = {
             "rast": RAST(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=batch),
@@ -142,9 +151,11 @@ def main() -> None:
         if not args.no_torch:
             import torch
             torch.set_num_threads(os.cpu_count() or 1)
-            t = time_torch([base_path, rl_path, ref_path], [args.lam], prompts, args.new_tokens, vocab)
-            print(f"  torch  rast  {tokens / t:10.1f} tok/s  ({1e3 * t / args.new_tokens:.2f} ms/step)")
-            print(f"  speed-up jaxrast/torch (RAST): {t / secs['rast']:.1f}x")
+            for cached, label in ((False, "paper loop (no cache)"), (True, "KV-cached loop")):
+                t = time_torch([base_path, rl_path, ref_path], [args.lam], prompts, args.new_tokens, vocab,
+                               cached=cached)
+                print(f"  torch  rast  {tokens / t:10.1f} tok/s  ({1e3 * t / args.new_tokens:.2f} ms/step)  {label}")
+                print(f"    speed-up jaxrast/torch {label}: {t / secs['rast']:.1f}x")
 
 
 if __name__ == "__main__":
