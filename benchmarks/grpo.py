@@ -42,7 +42,8 @@ def make_model(directory: str, args) -> str:
     torch.manual_seed(0)
     # Extra symbols make the vocabulary LLM-like in that the stop token is rare, so
     # completions run to about --max-new tokens in both trainers.
-    tok = char_tokenizer(CHARS + "".join(chr(0x100 + i) for i in range(args.vocab)))
+    tok = char_tokenizer(CHARS)
+    tok.add_tokens([f"<x{i}>" for i in range(args.vocab)])
     cfg = Qwen2Config(vocab_size=64, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                       num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,

@@ -104,6 +104,15 @@ def check_tokenizers_compatible(base_tok, other_tok, name: str) -> None:
                          "differ); RAST combines logits id by id, so every model must share one vocabulary.")
 
 
+@jax.jit
+def _row_keys(seed: jax.Array, row_ids: jax.Array, samples: jax.Array) -> jax.Array:
+    """Key data [batch, 2] of each row's stream: fold_in(fold_in(key(seed), row_id), sample).
+    One vectorised call (the seed is traced, so new seeds do not recompile)."""
+    base = jax.random.key(seed)
+    keys = jax.vmap(lambda r, s: jax.random.fold_in(jax.random.fold_in(base, r), s))(row_ids, samples)
+    return jax.random.key_data(keys)
+
+
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Prompt lengths are padded to a power of two so a benchmark compiles a handful of times."""
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
@@ -250,13 +259,12 @@ class RAST:
         stop_ids = np.array(params.stop_token_ids if params.stop_token_ids is not None else eos or (-1,), np.int32)
         pad_id = int(tok.pad_token_id if tok is not None and tok.pad_token_id is not None else
                      (stop_ids[0] if stop_ids[0] >= 0 else 0))
-        base_key = jax.random.key(params.seed)
         bar = tqdm(total=len(rows), desc="decoding", unit="row", disable=progress is False or
                    (progress is None and len(rows) < 2 * self.batch_size))
         t0, total_tokens = time.perf_counter(), 0
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            completions = self._run_batch(states, chunk, encoded, row_ids, params, base_key, stop_ids, pad_id)
+            completions = self._run_batch(states, chunk, encoded, row_ids, params, stop_ids, pad_id)
             total_tokens += sum(c.num_tokens for c in completions)
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - t0):.1f}")
@@ -271,7 +279,7 @@ class RAST:
                 result[c.index][c.sample] = c
         return result  # type: ignore[return-value]
 
-    def _run_batch(self, states, chunk, encoded, row_ids, params, base_key, stop_ids, pad_id) -> list[Completion]:
+    def _run_batch(self, states, chunk, encoded, row_ids, params, stop_ids, pad_id) -> list[Completion]:
         real = len(chunk)
         chunk = list(chunk) + [chunk[-1]] * (self.batch_size - real)  # fixed batch: one compile
         width = bucket_length(max(len(encoded[i]) for i, _ in chunk))
@@ -282,8 +290,8 @@ class RAST:
             tokens[r, width - len(ids):] = ids
             mask[r, width - len(ids):] = True
         # Keys travel as raw uint32 data: a host array every process can feed its slices of.
-        keys = np.asarray(jax.random.key_data(jnp.stack(
-            [jax.random.fold_in(jax.random.fold_in(base_key, row_ids[i]), s) for i, s in chunk])))
+        keys = np.asarray(_row_keys(params.seed, np.array([row_ids[i] for i, _ in chunk], np.uint32),
+                                    np.array([s for _, s in chunk], np.uint32)))
         done = np.arange(len(chunk)) >= real  # padding rows start finished
         lams = self.lams  # lams and stop_ids stay host arrays: jit replicates them on every device
         every = params.max_new_tokens if not params.stop_strings else self.stop_check_every
