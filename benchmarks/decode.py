@@ -1,7 +1,9 @@
 """Decoding throughput: jaxrast RAST vs a HuggingFace transformers PyTorch loop doing the
-same three-model logit arithmetic, on the same checkpoints, prompts and lengths: the seed
-paper's own loop (full prefix recomputed every step) and a KV-cached one. Also jaxrast
-base-only and the per-step cost of fusion.
+same three-model logit arithmetic, on the same checkpoints, prompts and lengths, in the
+seed repo's (ozyyshr/RAST) two HF styles: a KV-cached loop (its decoder, modeling/dexperts.py,
+the peer that matters) and an uncached one (analysis/greedy_delta.py re-runs the whole
+prefix through all three models every step). Also jaxrast base-only and the per-step
+cost of fusion.
 
     python benchmarks/decode.py                     # random ~10M base + ~1M pair, built here
     python benchmarks/decode.py --base B --rl R --ref F   # any three HF checkpoints
@@ -60,9 +62,9 @@ def time_jax(engine, prompts, new_tokens: int, repeats: int = 7) -> float:
 
 def time_torch(paths, lams, prompts, new_tokens: int, vocab: int, repeats: int = 2, cached: bool = True) -> float:
     """The PyTorch reference loop: each step runs every HF model, combines
-    z_base + Σλ(z_rl − z_ref), samples top-p, appends. cached=False is the seed paper's own
-    path (analysis/greedy_delta.py in ozyyshr/RAST: the full prefix re-run through all three
-    models every step); cached=True gives every model its own KV cache (a stronger peer)."""
+    z_base + Σλ(z_rl − z_ref), samples top-p, appends. cached=True gives every model its own
+    KV cache, as the seed repo's HF decoder (modeling/dexperts.py) does; cached=False re-runs
+    the full prefix through all three models every step, as its analysis/greedy_delta.py does."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -151,7 +153,8 @@ def main() -> None:
         if not args.no_torch:
             import torch
             torch.set_num_threads(os.cpu_count() or 1)
-            for cached, label in ((False, "paper loop (no cache)"), (True, "KV-cached loop")):
+            for cached, label in ((False, "uncached loop (greedy_delta.py style)"),
+                                  (True, "KV-cached loop (dexperts.py style)")):
                 t = time_torch([base_path, rl_path, ref_path], [args.lam], prompts, args.new_tokens, vocab,
                                cached=cached)
                 print(f"  torch  rast  {tokens / t:10.1f} tok/s  ({1e3 * t / args.new_tokens:.2f} ms/step)  {label}")

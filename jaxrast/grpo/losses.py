@@ -48,7 +48,10 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1
     """
     z = logits.astype(jnp.float32) / temperature
     log_norm = jax.nn.logsumexp(z, axis=-1)
-    picked = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # A masked sum, not take_along_axis: its gradient is elementwise instead of a scatter
+    # (slow on CPU and TPU), and XLA fuses it with the logsumexp pass.
+    hit = jnp.arange(z.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
+    picked = jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
     entropy = log_norm - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
     return picked - log_norm, entropy
 
