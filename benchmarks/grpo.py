@@ -74,7 +74,8 @@ def jaxrast_trainer(model_dir: str, args, out: str):
     cfg = GRPOConfig(data=DataSpec(template="{question}"),
                      rollout=RolloutSpec(prompts_per_step=args.prompts, group_size=args.group,
                                          max_new_tokens=args.max_new, batch_size=batch),
-                     loss=LossSpec(micro_batch_size=batch, aggregation="token_mean"),
+                     loss=LossSpec(micro_batch_size=args.micro or batch, aggregation="token_mean",
+                                   skip_zero_advantage=not args.no_skip),
                      optim=OptimSpec(lr=1e-6, max_grad_norm=1.0), mesh=MeshSpec(1, 1, 1),
                      steps=args.warmup + args.steps, output_dir=out, progress=False, export_hf=False)
     policy, _, tok = load_model(model_dir)
@@ -171,6 +172,10 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=1000, help="extra tokenizer symbols besides a-z")
+    parser.add_argument("--micro", type=int, default=16,
+                        help="jaxrast micro-batch (rows per forward/backward; the fastest here); 0 = the whole batch")
+    parser.add_argument("--no-skip", action="store_true",
+                        help="jaxrast: back-propagate zero-advantage micro-batches too (for attribution)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--threads", type=int, default=0,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrast.grpo.batch import PromptStream, build_rollout, split_micro
+from jaxrast.grpo.batch import PromptStream, build_rollout, pack_zero_advantage, split_micro
 from jaxrast.grpo.losses import aggregate, grpo_token_loss, group_advantages, k3_kl, token_logprobs, token_weights
 from jaxrast.grpo.rewards import MathReward, Reward, as_rewards, compute_rewards
 
@@ -35,6 +35,23 @@ def test_group_advantages_hand_computed():
     dr, zero_dr = group_advantages(rewards, scale=False)  # Dr. GRPO: no std division
     np.testing.assert_allclose(dr, [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0], [1, -1, 0, 0]])
     assert zero_dr.tolist() == zero.tolist()
+
+
+def test_equal_rewards_give_exactly_zero_advantage():
+    # 0.1 * 8 / 8 != 0.1 in floats: r - mean(r) leaves a residue that must not survive
+    adv, zero = group_advantages(np.full((1, 8), 0.1))
+    assert zero.tolist() == [True] and np.all(adv == 0.0)
+
+
+def test_pack_zero_advantage():
+    adv = np.array([0.0, 1.0, 0.0, 0.0, -1.0, 0.0, 2.0, 0.0])
+    order, active = pack_zero_advantage(adv, 2)
+    assert order.tolist() == [1, 4, 6, 0, 2, 3, 5, 7]  # nonzero rows first, both parts stable
+    assert active.tolist() == [True, True, False, False]
+    order, active = pack_zero_advantage(adv, 4)
+    assert active.tolist() == [True, False]
+    order, active = pack_zero_advantage(adv, 2, enabled=False)
+    assert order.tolist() == list(range(8)) and active.all()
 
 
 def test_clipped_loss_both_sides():

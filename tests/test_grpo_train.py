@@ -98,6 +98,34 @@ def test_first_step_is_mesh_and_micro_batch_invariant(ckpt_dir, tmp_path):
         same_metrics(m, ref, 1e-5, rel=1e-5)  # float32 sums in another order: grad_norm ~10 differs by ~5e-6
 
 
+def half_constant(prompts, completions, id, **_):
+    """Even prompt ids: the same reward for every completion (a zero-variance group)."""
+    return [0.5 if int(i) % 2 == 0 else c.count("a") / MAX_NEW for c, i in zip(completions, id)]
+
+
+def test_skipping_zero_advantage_rows_changes_nothing(tmp_path):
+    """Micro-batches whose rows all have advantage 0 skip the backward: the params and
+    every metric after two steps equal those of a run that back-propagates everything."""
+    runs = {}
+    for skip in (True, False):
+        policy, tok = toy_policy(seed=0)
+        cfg = toy_config(tmp_path / f"skip_{skip}", steps=2, export_hf=False,
+                         loss=LossSpec(micro_batch_size=8, skip_zero_advantage=skip))
+        history = train(cfg, policy=policy, tokenizer=tok, rows=toy_rows(), reward_fns=[half_constant])
+        runs[skip] = history, jax.tree.leaves(nnx_state(policy))
+    (on, params_on), (off, params_off) = runs[True], runs[False]
+    assert on[0]["zero_std_frac"] >= 0.5
+    for a, b in zip(on, off):
+        same_metrics(a, b, 1e-6, rel=1e-6)
+    for a, b in zip(params_on, params_off):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def nnx_state(model):
+    from flax import nnx
+    return nnx.state(model, nnx.Param)
+
+
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     rows = toy_rows()
     cfg = toy_config(tmp_path, steps=3, save_every=1, export_hf=False, loss=LossSpec(micro_batch_size=64))

@@ -108,6 +108,22 @@ def split_micro(x: np.ndarray, micro_batch_size: int) -> np.ndarray:
     return x.reshape(x.shape[0] // micro_batch_size, micro_batch_size, *x.shape[1:])
 
 
+def pack_zero_advantage(advantages: np.ndarray, micro_batch_size: int, *, enabled: bool = True
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Row order that puts rows with a nonzero advantage first (stable), and which
+    micro-batches then hold any such row: the others need no backward.
+
+    advantages: [rows]. Returns (order [rows], indices into `advantages`; active
+    [rows // micro_batch_size] bool). Disabled: the identity order, all active.
+    """
+    rows = len(advantages)
+    if not enabled:
+        return np.arange(rows), np.ones(rows // micro_batch_size, bool)
+    order = np.argsort(np.asarray(advantages) == 0, kind="stable")
+    active = (np.asarray(advantages)[order] != 0).reshape(-1, micro_batch_size).any(axis=1)
+    return order, active
+
+
 def rows_for(rows: Sequence[Mapping[str, Any]], indices: Sequence[int], group_size: int) -> list[Mapping[str, Any]]:
     """Each selected row repeated for its G completions (prompt-major)."""
     return [rows[i] for i in indices for _ in range(group_size)]

@@ -34,6 +34,9 @@ def group_advantages(rewards: np.ndarray, *, scale: bool = True, eps: float = 1e
     zero_variance = np.all(rewards == rewards[:, :1], axis=1)
     if scale:
         centred = centred / (rewards.std(axis=1, keepdims=True) + eps)
+    # exactly 0, not the rounding residue of r - mean(r) (e.g. eight rewards of 0.1): such
+    # rows then have exactly zero gradient and can skip the backward (LossSpec.skip_zero_advantage)
+    centred[zero_variance] = 0.0
     return centred, zero_variance
 
 

@@ -36,6 +36,7 @@ class Batch:
     advantages: jax.Array  # [...] float32
     old_logp: jax.Array  # [..., T] float32 (unused on-policy)
     ref_logp: jax.Array  # [..., T] float32 (unused when beta == 0)
+    active: jax.Array  # [micro_batches] bool: False = no row has a gradient (forward only)
 
 
 def state_shardings(tree: Any, mesh: Mesh) -> Any:
@@ -117,9 +118,19 @@ class Programs:
     def _update(self, params: nnx.State, opt_state: Any, batch: Batch):
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
 
+        def with_grad(mb):
+            (_, stats), g = grad_fn(params, mb)
+            return g, stats
+
+        def forward_only(mb):
+            # every row's advantage is 0 and β = 0: the gradient is exactly 0, so only the
+            # statistics (entropy, ratio, ...) are computed, at a third of the cost
+            _, stats = self._micro_loss(params, mb)
+            return jax.tree.map(jnp.zeros_like, params), stats
+
         def accumulate(carry, mb):
             grads, sums = carry
-            (_, stats), g = grad_fn(params, mb)
+            g, stats = jax.lax.cond(mb.active, with_grad, forward_only, mb)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, jax.tree.map(jnp.add, sums, stats)), None
 

@@ -28,7 +28,8 @@ from jaxrast.ckpt import Checkpointer, abstract_like
 from jaxrast.config_io import save_config, to_dict
 from jaxrast.decoding import RAST, SamplingParams
 from jaxrast.distributed import any_process, host_array, is_main
-from jaxrast.grpo.batch import PromptStream, RolloutArrays, build_rollout, encode_prompts, rows_for, split_micro
+from jaxrast.grpo.batch import (PromptStream, RolloutArrays, build_rollout, encode_prompts, pack_zero_advantage,
+                                 rows_for, split_micro)
 from jaxrast.grpo.config import GRPOConfig, MeshSpec
 from jaxrast.grpo.log import MetricsLog
 from jaxrast.grpo.losses import group_advantages, token_weights
@@ -167,12 +168,15 @@ class GRPOTrainer:
         updates_before = (self.step - 1) * lo.iterations * lo.mini_batches
         for it in range(lo.iterations):
             for j in range(lo.mini_batches):
-                part = slice(j * size, (j + 1) * size)
-                weights = token_weights(arrays.completion_mask[part], lo.aggregation, cfg.rollout.max_new_tokens)
+                rows_j = np.arange(j * size, (j + 1) * size)
+                weights = token_weights(arrays.completion_mask[rows_j], lo.aggregation, cfg.rollout.max_new_tokens)
+                order, active = pack_zero_advantage(advantages[rows_j], lo.micro_batch_size,
+                                                    enabled=lo.skip_zero_advantage and lo.beta == 0)
+                part = rows_j[order]
                 batch = Batch(tokens=put(arrays.tokens[part]), mask=put(arrays.mask[part]),
-                              completion_mask=put(arrays.completion_mask[part]), weights=put(weights),
+                              completion_mask=put(arrays.completion_mask[part]), weights=put(weights[order]),
                               advantages=put(advantages[part].astype(np.float32)),
-                              old_logp=put(old_logp[part]), ref_logp=put(ref_logp[part]))
+                              old_logp=put(old_logp[part]), ref_logp=put(ref_logp[part]), active=active)
                 self.params, self.opt_state, m = self.programs.update(self.params, self.opt_state, batch)
                 m["lr"] = self.schedule(updates_before + it * lo.mini_batches + j)
                 metrics.append(m)
