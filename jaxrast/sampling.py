@@ -42,20 +42,35 @@ def filter_top_k(logits: jax.Array, top_k: int) -> jax.Array:
     return jnp.where(logits < kth, NEG_INF, logits)
 
 
-def filter_top_p(logits: jax.Array, top_p: float) -> jax.Array:
+def filter_top_p(logits: jax.Array, top_p: float, candidates: int = 256) -> jax.Array:
     """Nucleus filter: keeps the smallest set of tokens whose probability reaches `top_p`.
 
     A token is kept if the mass of the tokens strictly more likely than it is < top_p, so
-    the token that crosses the threshold is included (as in HF and vLLM).
+    the token that crosses the threshold is included (as in HF and vLLM); tokens tied with
+    the last one kept are kept too.
+
+    Sorting a 152K vocabulary every step is the slowest part of sampling (~0.5 s for 16
+    rows on a CPU, slow on TPU too), so the threshold comes from the `candidates` most
+    likely tokens (`lax.top_k`) whenever they hold at least `top_p` of the mass in every
+    row, which is then exact; otherwise from a full sort. logits: [batch, vocab].
     """
     if top_p >= 1.0:
         return logits
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
-    threshold = jnp.take_along_axis(sorted_logits, keep - 1, axis=-1)
-    return jnp.where(logits < threshold, NEG_INF, logits)
+    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+    def threshold(desc: jax.Array) -> jax.Array:
+        """The logit of the last kept token, from a row-wise descending prefix [batch, n]."""
+        probs = jnp.exp(desc - log_norm)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
+        return jnp.take_along_axis(desc, keep - 1, axis=-1)
+
+    k = min(candidates, logits.shape[-1])
+    top = jax.lax.top_k(logits, k)[0]
+    covered = jnp.all(jnp.sum(jnp.exp(top - log_norm), axis=-1) >= top_p)
+    cut = jax.lax.cond(covered, lambda: threshold(top),
+                       lambda: threshold(jnp.sort(logits, axis=-1)[..., ::-1]))
+    return jnp.where(logits < cut, NEG_INF, logits)
 
 
 def sampling_logits(z: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:

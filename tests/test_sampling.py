@@ -57,6 +57,26 @@ def test_top_p_includes_the_token_that_crosses():
     assert keep(0.01) == [True, False, False, False]
 
 
+def nucleus_reference(z: np.ndarray, top_p: float) -> np.ndarray:
+    """Keep-mask from a full float64 sort, the definition filter_top_p implements."""
+    desc = np.sort(z, axis=-1)[:, ::-1]
+    probs = np.exp(desc - desc.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    keep = ((np.cumsum(probs, -1) - probs) < top_p).sum(-1, keepdims=True)
+    return z >= np.take_along_axis(desc, keep - 1, axis=-1)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])  # flat: full-sort fallback; peaked: top-k path
+def test_top_p_candidates_path_equals_full_sort(scale):
+    z = np.asarray(jax.random.normal(jax.random.key(0), (6, 500)) * scale, np.float64)
+    z[0, :3] = z[0, :3].max() + 1.0  # a three-way tie at the top
+    z = z.astype(np.float32)
+    want = nucleus_reference(z.astype(np.float64), 0.9)
+    for candidates in (8, 64, 500):
+        got = np.isfinite(np.asarray(jax.jit(filter_top_p, static_argnums=(1, 2))(z, 0.9, candidates)))
+        np.testing.assert_array_equal(got, want, err_msg=f"candidates={candidates}")
+
+
 def test_temperature_applies_before_top_p():
     z = jnp.log(jnp.array([[0.6, 0.3, 0.1]]))
     # τ=0.5 sharpens to (0.78, 0.20, 0.02): top-p 0.7 keeps only the first token
