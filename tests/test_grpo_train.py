@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from grpo_toy import MAX_NEW, a_reward, toy_policy, toy_rows
 from jaxrast.checkpoints import load_model
@@ -112,18 +113,13 @@ def test_skipping_zero_advantage_rows_changes_nothing(tmp_path):
         cfg = toy_config(tmp_path / f"skip_{skip}", steps=2, export_hf=False,
                          loss=LossSpec(micro_batch_size=8, skip_zero_advantage=skip))
         history = train(cfg, policy=policy, tokenizer=tok, rows=toy_rows(), reward_fns=[half_constant])
-        runs[skip] = history, jax.tree.leaves(nnx_state(policy))
+        runs[skip] = history, jax.tree.leaves(nnx.state(policy, nnx.Param))
     (on, params_on), (off, params_off) = runs[True], runs[False]
     assert on[0]["zero_std_frac"] >= 0.5
     for a, b in zip(on, off):
         same_metrics(a, b, 1e-6, rel=1e-6)
     for a, b in zip(params_on, params_off):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-
-
-def nnx_state(model):
-    from flax import nnx
-    return nnx.state(model, nnx.Param)
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
