@@ -50,6 +50,17 @@ def test_full_forward_parity_long_prompt(ckpt_dir, name):
     np.testing.assert_allclose(np.asarray(logits), ref, atol=ATOL_F32, rtol=0)
 
 
+def test_logits_from_and_last_only_slice_the_full_forward(ckpt_dir):
+    model, cfg, _ = load_model(ckpt_dir("qwen2", tie=True, kv_heads=1))
+    ids = jnp.asarray(random_ids(3, (2, 40)))
+    full, _ = model(ids)
+    tail, _ = model(ids, logits_from=25)
+    last, _ = model(ids, last_only=True)
+    chex.assert_shape(tail, (2, 15, cfg.vocab_size))
+    np.testing.assert_allclose(np.asarray(tail), np.asarray(full[:, 25:]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["qwen2-untied-gqa2", "llama3-rope-scaling"])
 def test_left_padded_prefill_and_cached_decode_parity(ckpt_dir, name):
     """Rows of different lengths, left padded; prefill then 1 token per step with the cache."""

@@ -50,13 +50,14 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1
     Returns (logp [batch, time], entropy [batch, time]), both float32.
     """
     z = logits.astype(jnp.float32) / temperature
-    log_norm = jax.nn.logsumexp(z, axis=-1)
+    logp = z - jax.nn.logsumexp(z, axis=-1, keepdims=True)
     # A masked sum, not take_along_axis: its gradient is elementwise instead of a scatter
-    # (slow on CPU and TPU), and XLA fuses it with the logsumexp pass.
+    # (slow on CPU and TPU), and XLA fuses it with the pass over logp.
     hit = jnp.arange(z.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
-    picked = jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
-    entropy = log_norm - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
-    return picked - log_norm, entropy
+    picked = jnp.sum(jnp.where(hit, logp, 0.0), axis=-1)
+    # reuses logp (one exp pass, not a softmax); masked (-inf) entries contribute 0, not NaN
+    entropy = -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1)
+    return picked, entropy
 
 
 def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:

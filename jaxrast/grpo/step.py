@@ -90,10 +90,10 @@ class Programs:
     def _logprobs(self, params: nnx.State, tokens: jax.Array, mask: jax.Array, width_t: int):
         """log π(completion tokens) and entropies, [batch, T] each, from the model's one forward."""
         model = nnx.merge(self.graphdef, params)
-        logits, _ = model(tokens, attention_mask=mask)
         start = tokens.shape[1] - width_t
         # logits at position j predict token j + 1; padded vocabulary rows are never sampled
-        logits = logits[:, start - 1:-1, :self.vocab]
+        logits, _ = model(tokens, attention_mask=mask, logits_from=start - 1)
+        logits = logits[:, :-1, :self.vocab]
         return token_logprobs(logits, tokens[:, start:], self.temperature)
 
     def _score(self, params: nnx.State, tokens: jax.Array, mask: jax.Array, *, width_t: int) -> jax.Array:

@@ -211,6 +211,7 @@ class CausalLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        logits_from: int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the model on `tokens` [batch, time].
 
@@ -220,6 +221,8 @@ class CausalLM(nnx.Module):
             earlier real slots; without, the call is a plain causal forward.
         last_only: return logits of the last position only ([batch, 1, vocab]), which
             saves a `[batch, time, vocab]` buffer during prefill.
+        logits_from: return logits of positions logits_from.. only ([batch, time -
+            logits_from, vocab]): scoring a completion skips the prompt's projections.
         Returns (logits [batch, time, vocab] float32, updated cache or None).
         """
         b, t = tokens.shape
@@ -246,6 +249,8 @@ class CausalLM(nnx.Module):
             vs.append(vc)
         if last_only:
             x = x[:, -1:]
+        elif logits_from:
+            x = x[:, logits_from:]
         logits = self.logits(self.norm(x))
         if cache is not None:
             cache = KVCache(k=tuple(ks), v=tuple(vs), mask=key_mask, index=index + t)
