@@ -98,9 +98,14 @@ def draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)
     u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]: u = 0 would pick a leading zero
-    hit = (cdf >= u[:, None] * cdf[:, -1:]) & (probs > 0)
-    # rounding can leave no hit when u is ~1; the likeliest token is then the draw
-    return jnp.where(hit.any(axis=-1), jnp.argmax(hit, axis=-1), jnp.argmax(probs, axis=-1)).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    # the first token whose cumulative mass reaches u (min over indices: a plain reduction,
+    # ~2x cheaper on CPU than argmax's index-carrying one)
+    first = jnp.min(jnp.where((cdf >= u[:, None] * cdf[:, -1:]) & (probs > 0), ids, vocab), axis=-1)
+    # rounding can leave no hit when u is ~1: the inverse CDF at 1 is the last possible token
+    last = jnp.max(jnp.where(probs > 0, ids, -1), axis=-1)
+    return jnp.where(first < vocab, first, last).astype(jnp.int32)
 
 
 # ---- λ schedules: static (hashable) callables step -> multiplier of every λ_i -------------
