@@ -65,11 +65,13 @@ def filter_top_p(logits: jax.Array, top_p: float, candidates: int = 256) -> jax.
         keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
         return jnp.take_along_axis(desc, keep - 1, axis=-1)
 
-    k = min(candidates, logits.shape[-1])
-    top = jax.lax.top_k(logits, k)[0]
-    covered = jnp.all(jnp.sum(jnp.exp(top - log_norm), axis=-1) >= top_p)
-    cut = jax.lax.cond(covered, lambda: threshold(top),
-                       lambda: threshold(jnp.sort(logits, axis=-1)[..., ::-1]))
+    full_sort = lambda: threshold(jnp.sort(logits, axis=-1)[..., ::-1])  # noqa: E731
+    if candidates >= logits.shape[-1]:  # a small vocabulary: the sort is cheap
+        cut = full_sort()
+    else:
+        top = jax.lax.top_k(logits, candidates)[0]
+        covered = jnp.all(jnp.sum(jnp.exp(top - log_norm), axis=-1) >= top_p)
+        cut = jax.lax.cond(covered, lambda: threshold(top), full_sort)
     return jnp.where(logits < cut, NEG_INF, logits)
 
 
