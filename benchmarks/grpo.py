@@ -172,8 +172,9 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=1000, help="extra tokenizer symbols besides a-z")
-    parser.add_argument("--micro", type=int, default=16,
-                        help="jaxrast micro-batch (rows per forward/backward; the fastest here); 0 = the whole batch")
+    parser.add_argument("--micro", type=int, default=8,
+                        help="jaxrast micro-batch (rows per forward/backward; 8 = the library default, one group "
+                             "per micro-batch); 0 = the whole batch")
     parser.add_argument("--no-skip", action="store_true",
                         help="jaxrast: back-propagate zero-advantage micro-batches too (for attribution)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
