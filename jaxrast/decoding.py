@@ -44,6 +44,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = ()
     seed: int = 0
+    logprobs: bool = True  # False: skip log p(token) (an on-policy GRPO rollout needs none)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -182,8 +183,10 @@ class RAST:
             tok = sample(step_keys, s.z, params.temperature, params.top_k, params.top_p)
             tok = jnp.where(s.done, pad_id, tok)
             out = jax.lax.dynamic_update_slice_in_dim(s.out, tok[:, None], s.step, axis=1)
-            tok_logp = jnp.take_along_axis(jax.nn.log_softmax(s.z, axis=-1), tok[:, None], axis=-1)
-            logp = jax.lax.dynamic_update_slice_in_dim(s.logp, tok_logp, s.step, axis=1)
+            logp = s.logp
+            if params.logprobs:
+                tok_logp = jnp.take_along_axis(jax.nn.log_softmax(s.z, axis=-1), tok[:, None], axis=-1)
+                logp = jax.lax.dynamic_update_slice_in_dim(s.logp, tok_logp, s.step, axis=1)
             hit = jnp.isin(tok, stop_ids) & ~s.done
             length = jnp.where(s.done, s.length, s.step + 1)
             done = s.done | hit | (s.step + 1 >= params.max_new_tokens)
@@ -330,12 +333,14 @@ class RAST:
             if r in cut:
                 num_tokens, text = cut[r]
                 ids = out[r, :num_tokens].tolist()
-                results.append(Completion(i, s, ids, text, "stop", logp[r, :num_tokens].tolist()))
+                results.append(Completion(i, s, ids, text, "stop",
+                                          logp[r, :num_tokens].tolist() if params.logprobs else []))
                 continue
             n = int(length[r])
             ids = out[r, :n].tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-            results.append(Completion(i, s, ids, text, "stop" if stopped[r] else "length", logp[r, :n].tolist()))
+            results.append(Completion(i, s, ids, text, "stop" if stopped[r] else "length",
+                                      logp[r, :n].tolist() if params.logprobs else []))
         return results
 
     def _find_stop_string(self, ids: np.ndarray, stops: Sequence[str]) -> tuple[int, str] | None:

@@ -141,7 +141,8 @@ class GRPOTrainer:
         ro = self.cfg.rollout
         params = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                 max_new_tokens=ro.max_new_tokens, n=ro.group_size,
-                                stop_strings=tuple(ro.stop_strings), seed=seed)
+                                stop_strings=tuple(ro.stop_strings), seed=seed,
+                                logprobs=not self.cfg.on_policy)  # on-policy ratios need no sampler log-probs
         # row ids are positions in this step's batch: the seed already differs per step
         result = self.sampler.generate([self.prompt_ids[i] for i in indices], params,
                                        row_ids=list(range(len(indices))), progress=False)
