@@ -165,19 +165,21 @@ class GRPOTrainer:
                 gap = np.abs(old_logp - arrays.sampler_logp) * arrays.completion_mask
                 extra["logprob_gap"] = float(gap.sum() / max(arrays.completion_mask.sum(), 1.0))
         size = rows // lo.mini_batches
+        batches = []  # built and placed once, reused by every one of the μ passes
+        for j in range(lo.mini_batches):
+            rows_j = np.arange(j * size, (j + 1) * size)
+            weights = token_weights(arrays.completion_mask[rows_j], lo.aggregation, cfg.rollout.max_new_tokens)
+            order, active = pack_zero_advantage(advantages[rows_j], lo.micro_batch_size,
+                                                enabled=lo.skip_zero_advantage and lo.beta == 0)
+            part = rows_j[order]
+            batches.append(Batch(tokens=put(arrays.tokens[part]), mask=put(arrays.mask[part]),
+                                 completion_mask=put(arrays.completion_mask[part]), weights=put(weights[order]),
+                                 advantages=put(advantages[part].astype(np.float32)),
+                                 old_logp=put(old_logp[part]), ref_logp=put(ref_logp[part]), active=active))
         metrics = []
         updates_before = (self.step - 1) * lo.iterations * lo.mini_batches
         for it in range(lo.iterations):
-            for j in range(lo.mini_batches):
-                rows_j = np.arange(j * size, (j + 1) * size)
-                weights = token_weights(arrays.completion_mask[rows_j], lo.aggregation, cfg.rollout.max_new_tokens)
-                order, active = pack_zero_advantage(advantages[rows_j], lo.micro_batch_size,
-                                                    enabled=lo.skip_zero_advantage and lo.beta == 0)
-                part = rows_j[order]
-                batch = Batch(tokens=put(arrays.tokens[part]), mask=put(arrays.mask[part]),
-                              completion_mask=put(arrays.completion_mask[part]), weights=put(weights[order]),
-                              advantages=put(advantages[part].astype(np.float32)),
-                              old_logp=put(old_logp[part]), ref_logp=put(ref_logp[part]), active=active)
+            for j, batch in enumerate(batches):
                 self.params, self.opt_state, m = self.programs.update(self.params, self.opt_state, batch)
                 m["lr"] = self.schedule(updates_before + it * lo.mini_batches + j)
                 metrics.append(m)
