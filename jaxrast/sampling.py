@@ -34,6 +34,11 @@ def combine_logits(base: jax.Array, rl: Sequence[jax.Array] = (), ref: Sequence[
     return z
 
 
+def entropy_of(logp: jax.Array) -> jax.Array:
+    """Entropy -Σ p·log p [...] of log-probs [..., vocab]; masked (-inf) entries count 0, not NaN."""
+    return -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1)
+
+
 def filter_top_k(logits: jax.Array, top_k: int) -> jax.Array:
     """Keeps the `top_k` largest logits per row (ties at the threshold kept); 0 = no-op."""
     if top_k <= 0 or top_k >= logits.shape[-1]:

@@ -1,5 +1,6 @@
 """RAST decoding against naive references: greedy, sampled, top-p statistics, padding, mesh."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import jax.scipy.stats
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrast.checkpoints import load_model
-from jaxrast.decoding import RAST, Pair, SamplingParams, bucket_length
+from jaxrast.decoding import RAST, Pair, SamplingParams, bucket_length, segment_ends
 from jaxrast.sampling import combine_logits, sample, sampling_logits
 from jaxrast.sharding import make_mesh
 from jaxrast.tokenizer import char_tokenizer
@@ -50,6 +51,35 @@ def naive_decode(models, lams, tok, prompt, max_new, key=None, temperature=0.0, 
 
 def test_bucket_lengths():
     assert [bucket_length(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+
+
+def test_segment_ends():
+    assert segment_ends(24, 8) == [24]
+    assert segment_ends(72, 8) == [32, 64, 72]
+    assert segment_ends(4096, 8) == list(range(512, 4097, 512))
+    assert segment_ends(100, 1) == [100]
+
+
+def test_growing_cache_equals_one_full_cache(trio):
+    """Decoding with the KV caches grown in segments gives the same rows as one full-length
+    cache: greedy and sampled, with stop strings checked between and across segment ends."""
+    base, rl, ref, tok = trio
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=72, n=2, seed=4, stop_token_ids=())
+    engines = [RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4, stop_check_every=20,
+                    cache_segments=segments) for segments in (1, 8)]
+    free = engines[0].generate(PROMPTS, sampled)
+    stop = free[1][0].text[40:42]  # a stop string that ends a row between two segment ends
+    runs = []
+    for eng in engines:
+        greedy = eng.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=72, stop_token_ids=()))
+        stopped = eng.generate(PROMPTS, dataclasses.replace(sampled, stop_strings=(stop,)))
+        runs.append([c for r in greedy + stopped for c in r])
+    assert [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[1]]
+    assert [c.finish_reason for c in runs[0]] == [c.finish_reason for c in runs[1]]
+    assert "stop" in [c.finish_reason for c in runs[1]]
+    assert any(c.num_tokens > 64 for c in runs[1])  # rows crossed every segment end
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
 def test_greedy_rast_equals_naive_reference(trio):
@@ -160,7 +190,7 @@ def test_stop_strings_and_length(trio):
 def test_mesh_greedy_equals_single_device(ckpt_dir):
     paths = [ckpt_dir("qwen2", seed=1, init_range=0.1), ckpt_dir("qwen2", seed=2, **SMALL),
              ckpt_dir("qwen2", seed=3, **SMALL)]
-    params = SamplingParams(temperature=0, max_new_tokens=16)
+    params = SamplingParams(temperature=0, max_new_tokens=40)  # crosses a cache segment end
     outs = []
     for mesh in (None, make_mesh(fsdp=2, tensor=4)):
         (base, _, tok), (rl, _, _), (ref, _, _) = (load_model(p, mesh=mesh) for p in paths)
@@ -179,6 +209,12 @@ def test_logprobs_match_teacher_forced_forward_and_weights_are_read_fresh(ckpt_d
     logp = jax.nn.log_softmax(logits[len(prompt) - 1:-1, : len(tok)], axis=-1)
     want = np.take_along_axis(np.asarray(logp), np.asarray(c.token_ids)[:, None], axis=1)[:, 0]
     np.testing.assert_allclose(c.logprobs, want, atol=1e-4)
+    # entropies of softmax(z / τ), as GRPO's training forward computes them
+    (c3,), = eng.generate(["abc"], dataclasses.replace(params, temperature=0.7, entropies=True, logprobs=False))
+    logp = jax.nn.log_softmax(_full_forward(model, jnp.asarray([prompt + c3.token_ids]))[0][len(prompt) - 1:-1,
+                              : len(tok)] / 0.7, axis=-1)
+    np.testing.assert_allclose(c3.entropies, -np.sum(np.exp(logp) * logp, axis=-1), atol=1e-4)
+    assert c3.logprobs == [] and c.entropies == []
     # an in-place parameter update (as an optimizer step does) is seen by the next call
     model.lm_head.kernel[...] = jnp.zeros_like(model.lm_head.kernel[...])  # uniform next-token law
     (c2,), = eng.generate(["abc"], params)

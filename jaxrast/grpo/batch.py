@@ -77,6 +77,7 @@ class RolloutArrays:
     mask: np.ndarray  # [rows, P + T] bool: real tokens
     completion_mask: np.ndarray  # [rows, T] float32: real completion tokens
     sampler_logp: np.ndarray  # [rows, T] float32: the decoder's log-probs (τ = 1)
+    sampler_entropy: np.ndarray  # [rows, T] float32: the decoder's policy entropies (zeros if not recorded)
     prompt_width: int  # P
 
     @property
@@ -85,22 +86,26 @@ class RolloutArrays:
 
 
 def build_rollout(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                  sampler_logp: Sequence[Sequence[float]], *, pad_id: int, max_new_tokens: int) -> RolloutArrays:
-    """Pads prompt/completion pairs. Widths are bucketed (powers of two, at least 16, T at
-    most max_new_tokens) so the train step compiles a handful of times, not every step."""
+                  sampler_logp: Sequence[Sequence[float]], *, pad_id: int, max_new_tokens: int,
+                  sampler_entropy: Sequence[Sequence[float]] | None = None) -> RolloutArrays:
+    """Pads prompt/completion pairs (and the sampler's per-token log-probs and entropies,
+    where it recorded them). Widths are bucketed (powers of two, at least 16, T at most
+    max_new_tokens) so the train step compiles a handful of times, not every step."""
     rows = len(prompt_ids)
     width_p = bucket_length(max(len(p) for p in prompt_ids))
     width_t = min(max_new_tokens, bucket_length(max(max(len(c) for c in completion_ids), 1)))
     tokens = np.full((rows, width_p + width_t), pad_id, np.int32)
     mask = np.zeros((rows, width_p + width_t), bool)
-    logp = np.zeros((rows, width_t), np.float32)
+    logp, entropy = np.zeros((rows, width_t), np.float32), np.zeros((rows, width_t), np.float32)
     for r, (p, c, lp) in enumerate(zip(prompt_ids, completion_ids, sampler_logp)):
         tokens[r, width_p - len(p):width_p] = p
         tokens[r, width_p:width_p + len(c)] = c
         mask[r, width_p - len(p):width_p + len(c)] = True
         logp[r, :len(lp)] = lp
+        if sampler_entropy is not None:
+            entropy[r, :len(sampler_entropy[r])] = sampler_entropy[r]
     return RolloutArrays(tokens=tokens, mask=mask, completion_mask=mask[:, width_p:].astype(np.float32),
-                         sampler_logp=logp, prompt_width=width_p)
+                         sampler_logp=logp, sampler_entropy=entropy, prompt_width=width_p)
 
 
 def split_micro(x: np.ndarray, micro_batch_size: int) -> np.ndarray:

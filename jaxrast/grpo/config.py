@@ -58,8 +58,9 @@ class LossSpec:
     mini_batches: int = 1  # optimiser updates per pass
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
     # With beta = 0 a row whose advantage is 0 (a group with equal rewards) has exactly zero
-    # gradient: rows are packed so such rows fill whole micro-batches, which then run a
-    # forward only (statistics) and skip the backward. Same update, less compute.
+    # gradient: rows are packed so such rows fill whole micro-batches, which skip the
+    # backward. On-policy they skip the forward too: the sampler records the policy's
+    # entropies, the only statistic not known in advance. Same update, less compute.
     skip_zero_advantage: bool = True
     # Old log-probs for the ratio when μ > 1 or mini_batches > 1: "recompute" scores the
     # rollout with a training-dtype forward before the first update (exact, and right for

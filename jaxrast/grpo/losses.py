@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrast.sampling import entropy_of
+
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
 
 
@@ -55,9 +57,7 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1
     # (slow on CPU and TPU), and XLA fuses it with the pass over logp.
     hit = jnp.arange(z.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
     picked = jnp.sum(jnp.where(hit, logp, 0.0), axis=-1)
-    # reuses logp (one exp pass, not a softmax); masked (-inf) entries contribute 0, not NaN
-    entropy = -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1)
-    return picked, entropy
+    return picked, entropy_of(logp)  # reuses logp: one exp pass, not a softmax
 
 
 def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:

@@ -36,7 +36,8 @@ class Batch:
     advantages: jax.Array  # [...] float32
     old_logp: jax.Array  # [..., T] float32 (unused on-policy)
     ref_logp: jax.Array  # [..., T] float32 (unused when beta == 0)
-    active: jax.Array  # [micro_batches] bool: False = no row has a gradient (forward only)
+    entropy: jax.Array  # [..., T] float32: the sampler's entropies (read for inactive micro-batches)
+    active: jax.Array  # [micro_batches] bool: False = no row has a gradient (see Programs)
 
 
 def state_shardings(tree: Any, mesh: Mesh) -> Any:
@@ -67,13 +68,22 @@ def make_optimizer(optim: OptimSpec, total_updates: int) -> tuple[optax.Gradient
 
 
 class Programs:
-    """Compiled score / update functions for one policy graph and loss configuration."""
+    """Compiled score / update functions for one policy graph and loss configuration.
+
+    A micro-batch that is not `active` (every row has advantage 0 and β = 0, so its
+    gradient is exactly 0) skips the backward. `stats_from_rollout` (on-policy only) also
+    skips its forward: its ratio is 1, nothing is clipped, the loss and KL are 0, and its
+    entropies are the ones the sampler recorded from the same policy.
+    """
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, tx: optax.GradientTransformation, *,
-                 loss: LossSpec, temperature: float, vocab: int, mesh: Mesh, on_policy: bool, use_ref: bool):
+                 loss: LossSpec, temperature: float, vocab: int, mesh: Mesh, on_policy: bool, use_ref: bool,
+                 stats_from_rollout: bool = False):
+        if stats_from_rollout and not (on_policy and not use_ref):
+            raise ValueError("stats_from_rollout needs an on-policy run with beta = 0.")
         self.graphdef, self.tx, self.loss_spec = graphdef, tx, loss
         self.temperature, self.vocab, self.mesh = temperature, vocab, mesh
-        self.on_policy, self.use_ref = on_policy, use_ref
+        self.on_policy, self.use_ref, self.stats_from_rollout = on_policy, use_ref, stats_from_rollout
         self.param_shardings = state_shardings(params, mesh)
         self.opt_shardings = state_shardings(jax.eval_shape(tx.init, params), mesh)
         self.init_opt = jax.jit(tx.init, out_shardings=self.opt_shardings)
@@ -128,9 +138,18 @@ class Programs:
             _, stats = self._micro_loss(params, mb)
             return jax.tree.map(jnp.zeros_like, params), stats
 
+        def rollout_stats(mb):
+            # ... and on-policy: the statistics are known without a forward (see the class)
+            m, zero = mb.completion_mask, jnp.zeros((), jnp.float32)
+            stats = {"kl": zero, "clip_low": zero, "clip_high": zero, "entropy": jnp.sum(mb.entropy * m),
+                     "ratio": jnp.sum(m), "tokens": jnp.sum(m), "loss": zero}
+            return jax.tree.map(jnp.zeros_like, params), stats
+
+        skip = rollout_stats if self.stats_from_rollout else forward_only
+
         def accumulate(carry, mb):
             grads, sums = carry
-            g, stats = jax.lax.cond(mb.active, with_grad, forward_only, mb)
+            g, stats = jax.lax.cond(mb.active, with_grad, skip, mb)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, jax.tree.map(jnp.add, sums, stats)), None
 

@@ -78,9 +78,10 @@ class GRPOTrainer:
 
         graphdef, params = nnx.split(policy)
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.total_updates)
+        skips = cfg.loss.skip_zero_advantage and cfg.loss.beta == 0
         self.programs = Programs(graphdef, params, self.tx, loss=cfg.loss, temperature=cfg.rollout.temperature,
                                  vocab=self.sampler.vocab, mesh=self.mesh, on_policy=cfg.on_policy,
-                                 use_ref=cfg.loss.beta > 0)
+                                 use_ref=cfg.loss.beta > 0, stats_from_rollout=skips and cfg.on_policy)
         self.params = jax.device_put(params, self.programs.param_shardings)
         self.opt_state = self.programs.init_opt(self.params)
         self.ref_params = self._reference(ref) if cfg.loss.beta > 0 else None
@@ -142,7 +143,8 @@ class GRPOTrainer:
         params = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                 max_new_tokens=ro.max_new_tokens, n=ro.group_size,
                                 stop_strings=tuple(ro.stop_strings), seed=seed,
-                                logprobs=not self.cfg.on_policy)  # on-policy ratios need no sampler log-probs
+                                logprobs=not self.cfg.on_policy,  # on-policy ratios need no sampler log-probs
+                                entropies=self.programs.stats_from_rollout)
         # row ids are positions in this step's batch: the seed already differs per step
         result = self.sampler.generate([self.prompt_ids[i] for i in indices], params,
                                        row_ids=list(range(len(indices))), progress=False)
@@ -164,18 +166,18 @@ class GRPOTrainer:
                 # the sampler's log-probs are of the τ=1 policy: the gap is a numerics health check
                 gap = np.abs(old_logp - arrays.sampler_logp) * arrays.completion_mask
                 extra["logprob_gap"] = float(gap.sum() / max(arrays.completion_mask.sum(), 1.0))
-        size = rows // lo.mini_batches
+        size, skips = rows // lo.mini_batches, lo.skip_zero_advantage and lo.beta == 0
         batches = []  # built and placed once, reused by every one of the μ passes
         for j in range(lo.mini_batches):
             rows_j = np.arange(j * size, (j + 1) * size)
             weights = token_weights(arrays.completion_mask[rows_j], lo.aggregation, cfg.rollout.max_new_tokens)
-            order, active = pack_zero_advantage(advantages[rows_j], lo.micro_batch_size,
-                                                enabled=lo.skip_zero_advantage and lo.beta == 0)
+            order, active = pack_zero_advantage(advantages[rows_j], lo.micro_batch_size, enabled=skips)
             part = rows_j[order]
             batches.append(Batch(tokens=put(arrays.tokens[part]), mask=put(arrays.mask[part]),
                                  completion_mask=put(arrays.completion_mask[part]), weights=put(weights[order]),
                                  advantages=put(advantages[part].astype(np.float32)),
-                                 old_logp=put(old_logp[part]), ref_logp=put(ref_logp[part]), active=active))
+                                 old_logp=put(old_logp[part]), ref_logp=put(ref_logp[part]),
+                                 entropy=put(arrays.sampler_entropy[part]), active=active))
         metrics = []
         updates_before = (self.step - 1) * lo.iterations * lo.mini_batches
         for it in range(lo.iterations):
@@ -202,7 +204,8 @@ class GRPOTrainer:
                                                 eps=cfg.loss.adv_eps)
         arrays = build_rollout([self.prompt_ids[i] for i in indices for _ in range(ro.group_size)],
                                [c.token_ids for c in completions], [c.logprobs for c in completions],
-                               pad_id=self.pad_id, max_new_tokens=ro.max_new_tokens)
+                               pad_id=self.pad_id, max_new_tokens=ro.max_new_tokens,
+                               sampler_entropy=[c.entropies for c in completions])
         t_update = time.perf_counter()
         updates, extra = self._optimise(arrays, advantages.reshape(-1))
         nnx.update(self.policy, self.params)  # the sampler reads the new weights next step

@@ -57,6 +57,11 @@ class KVCache:
     def max_len(self) -> int:
         return self.mask.shape[1]
 
+    def time_axes(self) -> "KVCache":
+        """The same structure holding each array's slot axis (-1: none), for code that
+        resizes caches array by array (decoding grows them as it goes)."""
+        return KVCache(k=(3,) * len(self.k), v=(2,) * len(self.v), mask=1, index=-1)
+
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Inverse frequencies `[head_dim // 2]`, with linear or llama3 scaling applied."""
