@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from jaxrast.distributed import host_array, put_global
 from jaxrast.models.decoder import CausalLM, KVCache
-from jaxrast.sampling import combine_logits, entropy_of, lam_schedule as make_lam_schedule, sample
+from jaxrast.sampling import combine_logits, lam_schedule as make_lam_schedule, sample, sample_with_entropy
 from jaxrast.sharding import BATCH, TOKENS_SPEC, cache_sharding, fit_spec
 
 _ROWS_SPEC = P(BATCH)
@@ -221,7 +221,10 @@ class RAST:
 
         def body(s: _LoopState):
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
-            tok = sample(step_keys, s.z, params.temperature, params.top_k, params.top_p)
+            if params.entropies:
+                tok, step_ent = sample_with_entropy(step_keys, s.z, params.temperature, params.top_k, params.top_p)
+            else:
+                tok = sample(step_keys, s.z, params.temperature, params.top_k, params.top_p)
             tok = jnp.where(s.done, pad_id, tok)
             out = jax.lax.dynamic_update_slice_in_dim(s.out, tok[:, None], s.step, axis=1)
             logp, ent = s.logp, s.entropy
@@ -229,7 +232,6 @@ class RAST:
                 tok_logp = jnp.take_along_axis(jax.nn.log_softmax(s.z, axis=-1), tok[:, None], axis=-1)
                 logp = jax.lax.dynamic_update_slice_in_dim(s.logp, tok_logp, s.step, axis=1)
             if params.entropies:
-                step_ent = entropy_of(jax.nn.log_softmax(s.z / (params.temperature or 1.0), axis=-1))
                 ent = jax.lax.dynamic_update_slice_in_dim(s.entropy, step_ent[:, None], s.step, axis=1)
             hit = jnp.isin(tok, stop_ids) & ~s.done
             length = jnp.where(s.done, s.length, s.step + 1)

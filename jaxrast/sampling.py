@@ -94,6 +94,29 @@ def sample(keys: jax.Array, z: jax.Array, temperature: float, top_k: int = 0, to
     return draw(keys, sampling_logits(z, temperature, top_k, top_p))
 
 
+def sample_with_entropy(keys: jax.Array, z: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0
+                        ) -> tuple[jax.Array, jax.Array]:
+    """`sample`, plus the entropy [batch] of softmax(z / τ) before top-k/top-p (τ = 1 when
+    greedy): the policy entropy GRPO logs. Without filters the draw reuses its softmax (the
+    exp pass over the vocabulary costs as much as the draw itself)."""
+    probs, entropy = softmax_entropy(z / (temperature or 1.0))
+    if temperature == 0 or top_k > 0 or top_p < 1.0:
+        return sample(keys, z, temperature, top_k, top_p), entropy
+    return draw_probs(keys, probs), entropy
+
+
+def softmax_entropy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(softmax [batch, vocab], as jax.nn.softmax computes it; its entropy [batch]) from one
+    exp pass: H = log Σe − Σ p·(x − max) with e = exp(x − max). -inf entries count 0."""
+    x = logits.astype(jnp.float32)
+    shifted = x - jnp.max(x, axis=-1, keepdims=True)
+    e = jnp.exp(shifted)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    probs = e / total
+    entropy = jnp.log(total[..., 0]) - jnp.sum(jnp.where(e > 0, probs * shifted, 0.0), axis=-1)
+    return probs, entropy
+
+
 def draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
     """One token per row from softmax(logits) by inversion of its CDF.
 
@@ -104,7 +127,11 @@ def draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
     vocabulary. Tokens of probability 0 (masked to -inf) can never be drawn, whatever the
     rounding. keys: [batch]; logits: [batch, vocab]. Returns int32 [batch].
     """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return draw_probs(keys, jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+
+
+def draw_probs(keys: jax.Array, probs: jax.Array) -> jax.Array:
+    """`draw` from probabilities [batch, vocab] (rows summing to 1) instead of logits."""
     batch, vocab = probs.shape
     size = 1 << max(0, (vocab - 1).bit_length() + 1) // 2  # a power of two >= sqrt(vocab)
     blocks = -(-vocab // size)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxrast.sampling import (combine_logits, filter_top_k, filter_top_p, lam_schedule, sample,
-                              sampling_logits)
+                              sample_with_entropy, sampling_logits, softmax_entropy)
 
 
 def test_combine_single_pair_hand_computed():
@@ -92,6 +92,23 @@ def test_greedy_and_per_row_streams():
     a = sample(keys, z, 1.0)
     b = sample(keys[:1], z[:1], 1.0)
     assert int(a[0]) == int(b[0])
+
+
+def test_softmax_entropy_and_sampling_with_it():
+    z = jax.random.normal(jax.random.key(1), (6, 300)) * 3
+    z = z.at[:, :7].set(-jnp.inf)  # masked entries count 0, not NaN
+    probs, entropy = softmax_entropy(z)
+    np.testing.assert_array_equal(probs, jax.nn.softmax(z, axis=-1))
+    p64 = np.exp(np.asarray(z, np.float64) - np.max(np.asarray(z, np.float64), axis=-1, keepdims=True))
+    p64 /= p64.sum(axis=-1, keepdims=True)
+    want = -np.sum(np.where(p64 > 0, p64 * np.log(np.where(p64 > 0, p64, 1.0)), 0.0), axis=-1)
+    np.testing.assert_allclose(entropy, want, rtol=1e-5)
+    keys = jax.random.split(jax.random.key(2), 6)
+    # the draw shares the softmax without filters and matches `sample` in every mode
+    for tau, top_k, top_p in ((1.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 20, 0.9), (0.0, 0, 1.0)):
+        tokens, ent = sample_with_entropy(keys, z, tau, top_k, top_p)
+        np.testing.assert_array_equal(tokens, sample(keys, z, tau, top_k, top_p))
+        np.testing.assert_allclose(ent, softmax_entropy(z / (tau or 1.0))[1])
 
 
 def test_lam_schedules():

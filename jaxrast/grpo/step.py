@@ -36,7 +36,7 @@ class Batch:
     advantages: jax.Array  # [...] float32
     old_logp: jax.Array  # [..., T] float32 (unused on-policy)
     ref_logp: jax.Array  # [..., T] float32 (unused when beta == 0)
-    entropy: jax.Array  # [..., T] float32: the sampler's entropies (read for inactive micro-batches)
+    entropy: jax.Array  # [..., T] float32: the sampler's entropies (used with stats_from_rollout)
     active: jax.Array  # [micro_batches] bool: False = no row has a gradient (see Programs)
 
 
@@ -71,9 +71,10 @@ class Programs:
     """Compiled score / update functions for one policy graph and loss configuration.
 
     A micro-batch that is not `active` (every row has advantage 0 and β = 0, so its
-    gradient is exactly 0) skips the backward. `stats_from_rollout` (on-policy only) also
-    skips its forward: its ratio is 1, nothing is clipped, the loss and KL are 0, and its
-    entropies are the ones the sampler recorded from the same policy.
+    gradient is exactly 0) skips the backward. With `stats_from_rollout` (on-policy only)
+    the logged entropy is the one the sampler recorded from the same policy, for every row,
+    so no forward computes it, and an inactive micro-batch skips its forward too: its ratio
+    is 1, nothing is clipped, and its loss and KL are 0.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, tx: optax.GradientTransformation, *,
@@ -112,6 +113,8 @@ class Programs:
 
     def _micro_loss(self, params: nnx.State, mb: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         logp, entropy = self._logprobs(params, mb.tokens, mb.mask, mb.completion_mask.shape[-1])
+        if self.stats_from_rollout:
+            entropy = mb.entropy  # the computed one is then dead code, which XLA removes
         old = jax.lax.stop_gradient(logp) if self.on_policy else mb.old_logp
         spec = self.loss_spec
         out = grpo_token_loss(logp, old, mb.advantages, epsilon_low=spec.epsilon_low,
