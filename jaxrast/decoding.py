@@ -15,9 +15,12 @@ Shapes: `[batch, time]`, logits `[batch, vocab]`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.struct
@@ -147,6 +150,27 @@ def _grow_in_place(arrays: list, axes: list[int], size: int) -> None:
             arrays[i] = _pad_to(arrays[i], axis=axis, size=size)
 
 
+def _in_order(fn: Callable, items: Sequence, workers: int) -> Iterator:
+    """fn over items on `workers` threads, at most `workers` calls in flight (each holds its
+    KV caches), results in the items' order."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) == workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _default_workers(batch_size: int, mesh: Mesh | None) -> int:
+    cpus = os.cpu_count() or 1
+    one_device = mesh is None or mesh.devices.size == 1
+    if one_device and jax.default_backend() == "cpu" and jax.process_count() == 1 and cpus > 1:
+        return 2 if batch_size % 2 == 0 else 1
+    return 1
+
+
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Prompt lengths are padded to a power of two so a benchmark compiles a handful of times."""
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
@@ -159,12 +183,16 @@ class RAST:
     `lam_schedule`: 'constant', 'warmup:N' or 'first:N', or a callable step -> multiplier.
     `cache_segments`: the KV caches grow in about this many steps of >= 32 tokens (1 = one
     full-length cache); more segments read less cache per step but compile more loops.
+    `workers`: the `batch_size` rows decoded at a time are split into this many programs
+    run concurrently from threads. Default: 2 on one multi-core CPU device (XLA:CPU
+    leaves cores idle in a decode step's small ops; two programs decode ~1.7x faster than
+    one twice their size), else 1 (an accelerator, or a mesh of devices, is kept busy).
     """
 
     def __init__(self, base: CausalLM, pairs: Sequence[Pair | tuple] = (), *, tokenizer=None,
                  mesh: Mesh | None = None, lam_schedule: str | Callable | None = None,
                  batch_size: int = 16, vocab_size: int | None = None, stop_check_every: int = 64,
-                 cache_segments: int = 8):
+                 cache_segments: int = 8, workers: int | None = None):
         pairs = [p if isinstance(p, Pair) else Pair(*p) for p in pairs]
         for i, p in enumerate(pairs):
             check_tokenizers_compatible(tokenizer, p.tokenizer, f"pair {i}")
@@ -194,6 +222,13 @@ class RAST:
             raise ValueError(f"cache_segments ({cache_segments}) and stop_check_every ({stop_check_every}) "
                              "must both be >= 1.")
         self.cache_segments = cache_segments
+        self.workers = _default_workers(batch_size, mesh) if workers is None else workers
+        if self.workers < 1 or batch_size % self.workers:
+            raise ValueError(f"workers={self.workers} must be >= 1 and divide batch_size={batch_size}.")
+        if self.workers > 1 and jax.process_count() > 1:
+            raise ValueError("workers > 1 needs a single process: every process must issue the same "
+                             "programs in the same order.")
+        self.program_batch = batch_size // self.workers
         self._graphdefs = tuple(nnx.graphdef(m) for m in models)
         # `limit` (the step to stop at) is traced: the loops compile once per cache length
         self._start = jax.jit(self._start_impl, static_argnames=("params", "cache_len"), donate_argnames=())
@@ -312,9 +347,11 @@ class RAST:
         bar = tqdm(total=len(rows), desc="decoding", unit="row", disable=progress is False or
                    (progress is None and len(rows) < 2 * self.batch_size))
         t0, total_tokens = time.perf_counter(), 0
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            completions = self._run_batch(states, chunk, encoded, row_ids, params, stop_ids, pad_id)
+        run = functools.partial(self._run_batch, states, encoded=encoded, row_ids=row_ids, params=params,
+                                stop_ids=stop_ids, pad_id=pad_id)
+        chunks = [rows[i:i + self.program_batch] for i in range(0, len(rows), self.program_batch)]
+        results = map(run, chunks) if self.workers == 1 else _in_order(run, chunks, self.workers)
+        for chunk, completions in zip(chunks, results):
             total_tokens += sum(c.num_tokens for c in completions)
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - t0):.1f}")
@@ -329,9 +366,9 @@ class RAST:
                 result[c.index][c.sample] = c
         return result  # type: ignore[return-value]
 
-    def _run_batch(self, states, chunk, encoded, row_ids, params, stop_ids, pad_id) -> list[Completion]:
+    def _run_batch(self, states, chunk, *, encoded, row_ids, params, stop_ids, pad_id) -> list[Completion]:
         real = len(chunk)
-        chunk = list(chunk) + [chunk[-1]] * (self.batch_size - real)  # fixed batch: one compile
+        chunk = list(chunk) + [chunk[-1]] * (self.program_batch - real)  # fixed batch: one compile
         width = bucket_length(max(len(encoded[i]) for i, _ in chunk))
         tokens = np.full((len(chunk), width), pad_id, np.int32)
         mask = np.zeros((len(chunk), width), bool)

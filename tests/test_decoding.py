@@ -82,6 +82,23 @@ def test_growing_cache_equals_one_full_cache(trio):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+def test_concurrent_programs_give_the_same_rows(trio):
+    """workers=3 splits each batch of 3 rows into three one-row programs decoded from
+    threads (16 programs here, at most three in flight): every row equals the one-program
+    decode, and batches come back in order."""
+    base, rl, ref, tok = trio
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, n=4, seed=5)
+    rows = {}
+    for workers in (1, 3):
+        eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=3, workers=workers)
+        assert eng.program_batch == 3 // workers
+        batches = list(eng.generate_iter(PROMPTS, params, progress=False))
+        rows[workers] = [((c.index, c.sample), c.token_ids) for b in batches for c in b]
+    assert len(rows[3]) == 16 and rows[1] == rows[3]
+    with pytest.raises(ValueError, match="must be >= 1 and divide batch_size"):
+        RAST(base, tokenizer=tok, batch_size=4, workers=3)
+
+
 def test_greedy_rast_equals_naive_reference(trio):
     base, rl, ref, tok = trio
     eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4)
