@@ -38,6 +38,7 @@ class DecodeConfig:
     out: str = "results.jsonl"
     batch_size: int = 16
     cache_segments: int = 8  # KV caches grow in ~this many steps (1: one full-length cache, fewer compiles)
+    workers: int | None = None  # concurrent decode programs per batch (None: 2 on one CPU device, else 1)
     dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
     mesh: str | None = None  # "data,fsdp,tensor", e.g. "1,-1,1"; None: one device
     allow_pickle: bool = False
@@ -183,7 +184,7 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
     if tok is None:
         raise ValueError("the checkpoint has no tokenizer files; decoding text needs one.")
     engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
-                  batch_size=cfg.batch_size, cache_segments=cfg.cache_segments)
+                  batch_size=cfg.batch_size, cache_segments=cfg.cache_segments, workers=cfg.workers)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             max_new_tokens=cfg.max_new_tokens, n=cfg.n, stop_strings=tuple(cfg.stop),
                             seed=cfg.seed)
