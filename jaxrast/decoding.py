@@ -15,12 +15,9 @@ Shapes: `[batch, time]`, logits `[batch, vocab]`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.struct
@@ -32,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jaxrast.decode_schedule import bucket_length, default_workers, grow_in_place, in_order, segment_ends
 from jaxrast.distributed import host_array, put_global
 from jaxrast.models.decoder import CausalLM, KVCache
 from jaxrast.sampling import combine_logits, lam_schedule as make_lam_schedule, sample, sample_with_entropy
@@ -128,54 +126,6 @@ def _row_keys(seed: jax.Array, row_ids: jax.Array, samples: jax.Array) -> jax.Ar
     return jax.random.key_data(keys)
 
 
-def segment_ends(max_new_tokens: int, segments: int, min_tokens: int = 32) -> list[int]:
-    """Where the decode loop's cache segments end: about `segments` equal steps of at
-    least `min_tokens` tokens (rounded up to 16), the last ending at max_new_tokens."""
-    size = max(min_tokens, -(-max_new_tokens // max(segments, 1)))
-    size = -(-size // 16) * 16
-    return list(range(size, max_new_tokens, size)) + [max_new_tokens]
-
-
-@functools.partial(jax.jit, static_argnames=("axis", "size"))
-def _pad_to(x: jax.Array, *, axis: int, size: int) -> jax.Array:
-    return jnp.pad(x, [(0, size - n if a == axis else 0) for a, n in enumerate(x.shape)])
-
-
-def _grow_in_place(arrays: list, axes: list[int], size: int) -> None:
-    """Pads each array along its axis (-1: leave it) to `size` slots, replacing the list
-    entries one by one: each old array is freed once its copy exists, so growing the caches
-    needs one layer's array of extra memory, not a second set of caches."""
-    for i, axis in enumerate(axes):
-        if axis >= 0 and arrays[i].shape[axis] < size:
-            arrays[i] = _pad_to(arrays[i], axis=axis, size=size)
-
-
-def _in_order(fn: Callable, items: Sequence, workers: int) -> Iterator:
-    """fn over items on `workers` threads, at most `workers` calls in flight (each holds its
-    KV caches), results in the items' order."""
-    with ThreadPoolExecutor(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) == workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _default_workers(batch_size: int, mesh: Mesh | None) -> int:
-    cpus = os.cpu_count() or 1
-    one_device = mesh is None or mesh.devices.size == 1
-    if one_device and jax.default_backend() == "cpu" and jax.process_count() == 1 and cpus > 1:
-        return 2 if batch_size % 2 == 0 else 1
-    return 1
-
-
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """Prompt lengths are padded to a power of two so a benchmark compiles a handful of times."""
-    return max(minimum, 1 << max(0, int(n - 1).bit_length()))
-
-
 class RAST:
     """Decodes `base` with the shift Σ λ_i (rl_i − ref_i) of small pairs.
 
@@ -222,7 +172,7 @@ class RAST:
             raise ValueError(f"cache_segments ({cache_segments}) and stop_check_every ({stop_check_every}) "
                              "must both be >= 1.")
         self.cache_segments = cache_segments
-        self.workers = _default_workers(batch_size, mesh) if workers is None else workers
+        self.workers = default_workers(batch_size, mesh) if workers is None else workers
         if self.workers < 1 or batch_size % self.workers:
             raise ValueError(f"workers={self.workers} must be >= 1 and divide batch_size={batch_size}.")
         if self.workers > 1 and jax.process_count() > 1:
@@ -350,7 +300,7 @@ class RAST:
         run = functools.partial(self._run_batch, states, encoded=encoded, row_ids=row_ids, params=params,
                                 stop_ids=stop_ids, pad_id=pad_id)
         chunks = [rows[i:i + self.program_batch] for i in range(0, len(rows), self.program_batch)]
-        results = map(run, chunks) if self.workers == 1 else _in_order(run, chunks, self.workers)
+        results = map(run, chunks) if self.workers == 1 else in_order(run, chunks, self.workers)
         for chunk, completions in zip(chunks, results):
             total_tokens += sum(c.num_tokens for c in completions)
             bar.update(len(chunk))
@@ -421,7 +371,7 @@ class RAST:
                 leaves, treedef = jax.tree.flatten(state.caches)
                 axes = jax.tree.leaves(tuple(c.time_axes() for c in state.caches))
                 state = state.replace(caches=())  # `leaves` now holds the only references
-                _grow_in_place(leaves, axes, cache_len)
+                grow_in_place(leaves, axes, cache_len)
                 state = state.replace(caches=jax.tree.unflatten(treedef, leaves))
             state = self._resume(states, state, lams, stop_ids, pad_id, limit, params=static)
         out, logp, ent, length, stopped = host_array((state.out, state.logp, state.entropy, state.length,
