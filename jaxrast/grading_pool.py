@@ -36,6 +36,9 @@ def serve_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
+    judge(r"\boxed{1}", ["1"], timeout=DEFAULT_TIMEOUT)  # load the lazily imported parsers now
+    replies.write(json.dumps("ready") + "\n")  # item deadlines start after start-up, not before
+    replies.flush()
     for line in sys.stdin:
         answer, golds, timeout = json.loads(line)
         result = judge(answer, golds, timeout=timeout)
@@ -59,6 +62,17 @@ class _Worker:
             encoding="utf-8",
         )
         self.task: tuple[int, float] | None = None  # (item index, hard deadline)
+        self.ready = False
+
+    def wait_ready(self, limit: float = 120.0) -> None:
+        """Blocks until the worker has imported everything (its first line): a start-up on a
+        loaded machine must not count against the first item's deadline."""
+        assert self.process.stdout is not None
+        started = wait([self.process.stdout], timeout=limit)
+        if not started or json.loads(self.process.stdout.readline() or "0") != "ready":
+            raise RuntimeError(f"a grading worker did not start within {limit:.0f} s; check that "
+                               f"`{sys.executable} -c 'import jaxrast.grading'` works.")
+        self.ready = True
 
     def send(self, answer: str, golds: list[str], timeout: float) -> None:
         assert self.process.stdin is not None
@@ -162,6 +176,8 @@ class GraderPool:
         while todo or any(w.task for w in self._workers):
             for slot, worker in enumerate(self._workers):
                 if worker.task is None and todo:
+                    if not worker.ready:
+                        worker.wait_ready()
                     i = todo.popleft()
                     try:
                         worker.send(answers[i], golds_of(golds[i]), self.timeout)

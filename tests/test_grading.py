@@ -222,6 +222,13 @@ def test_pool_kills_and_replaces_a_stuck_worker():
         assert pool.is_correct_many([r"\boxed{3}", r"\boxed{4}"], ["3", "5"]) == [True, False]
 
 
+def test_worker_start_up_does_not_count_against_the_first_deadline():
+    """A fresh worker takes seconds to import its parsers; a 0.4 s deadline still holds for
+    its first item, because deadlines start once the worker reports ready."""
+    with GraderPool(2, timeout=0.2, grace=0.2) as pool:
+        assert pool.is_correct_many([r"\boxed{1}", r"\boxed{2}"], ["1", "3"]) == [True, False]
+
+
 def test_pool_in_process_mode_and_dedup():
     with GraderPool(0) as pool:
         verdicts = pool.grade_many([r"\boxed{2}"] * 3 + ["nothing"], ["2", "2", "3", "1"])

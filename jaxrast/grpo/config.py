@@ -67,6 +67,11 @@ class LossSpec:
     # τ != 1); "sampler" reuses the decoder's (τ = 1 only). On-policy runs need neither.
     old_logprobs: str = "recompute"
 
+    @property
+    def packs_zero_advantage(self) -> bool:
+        """skip_zero_advantage in effect: a zero advantage means a zero gradient only without KL."""
+        return self.skip_zero_advantage and self.beta == 0
+
 
 @dataclass
 class OptimSpec:

@@ -78,10 +78,10 @@ class GRPOTrainer:
 
         graphdef, params = nnx.split(policy)
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.total_updates)
-        skips = cfg.loss.skip_zero_advantage and cfg.loss.beta == 0
         self.programs = Programs(graphdef, params, self.tx, loss=cfg.loss, temperature=cfg.rollout.temperature,
                                  vocab=self.sampler.vocab, mesh=self.mesh, on_policy=cfg.on_policy,
-                                 use_ref=cfg.loss.beta > 0, stats_from_rollout=skips and cfg.on_policy)
+                                 use_ref=cfg.loss.beta > 0,
+                                 stats_from_rollout=cfg.loss.packs_zero_advantage and cfg.on_policy)
         self.params = jax.device_put(params, self.programs.param_shardings)
         self.opt_state = self.programs.init_opt(self.params)
         self.ref_params = self._reference(ref) if cfg.loss.beta > 0 else None
@@ -166,12 +166,13 @@ class GRPOTrainer:
                 # the sampler's log-probs are of the τ=1 policy: the gap is a numerics health check
                 gap = np.abs(old_logp - arrays.sampler_logp) * arrays.completion_mask
                 extra["logprob_gap"] = float(gap.sum() / max(arrays.completion_mask.sum(), 1.0))
-        size, skips = rows // lo.mini_batches, lo.skip_zero_advantage and lo.beta == 0
+        size = rows // lo.mini_batches
         batches = []  # built and placed once, reused by every one of the μ passes
         for j in range(lo.mini_batches):
             rows_j = np.arange(j * size, (j + 1) * size)
             weights = token_weights(arrays.completion_mask[rows_j], lo.aggregation, cfg.rollout.max_new_tokens)
-            order, active = pack_zero_advantage(advantages[rows_j], lo.micro_batch_size, enabled=skips)
+            order, active = pack_zero_advantage(advantages[rows_j], lo.micro_batch_size,
+                                                enabled=lo.packs_zero_advantage)
             part = rows_j[order]
             batches.append(Batch(tokens=put(arrays.tokens[part]), mask=put(arrays.mask[part]),
                                  completion_mask=put(arrays.completion_mask[part]), weights=put(weights[order]),
