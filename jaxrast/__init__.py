@@ -18,6 +18,10 @@ _EXPORTS = {
     "ModelConfig": "jaxrast.models.config",
     "CausalLM": "jaxrast.models.decoder",
     "KVCache": "jaxrast.models.decoder",
+    "RAST": "jaxrast.decoding",
+    "Pair": "jaxrast.decoding",
+    "SamplingParams": "jaxrast.decoding",
+    "Completion": "jaxrast.decoding",
 }
 
 __all__ = sorted(_EXPORTS)

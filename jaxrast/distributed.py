@@ -45,7 +45,7 @@ _FIX = ("start every process with the same --coordinator HOST:PORT (process 0's 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The multi-process flags shared by `jaxrast decode` and `jaxrast train`."""
     group = parser.add_argument_group("multi-process", "one process per host, each running the same command "
-                                      "(see README-multihost.md)")
+                                      "(see the README section 'Several processes (multi-host)')")
     group.add_argument("--coordinator", metavar="HOST:PORT",
                        help=f"address of process 0 (default: ${ENV_COORDINATOR})")
     group.add_argument("--num-processes", type=int, metavar="N",

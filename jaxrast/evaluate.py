@@ -157,7 +157,7 @@ def evaluate_rows(
     last_number_fallback: bool | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Grade prediction rows and build the report (see README-eval.md for the schema)."""
+    """Grade prediction rows and build the report (schema: README, `jaxrast eval`, 'Output JSON')."""
     from jaxrast.grading import Verdict, shared_pool  # imported here: sympy is slow to load
 
     samples = resolve_samples(rows, benchmark=benchmark, gold_rows=gold_rows, group_by=group_by)
@@ -294,6 +294,7 @@ def compare_reports(base: Mapping, rast: Mapping, rl: Mapping, metric: str = "av
         raise ValueError("the three result files share no benchmark; check that they evaluate the same data")
     rows: dict[str, dict[str, float | None]] = {}
     for name in names:
+        _check_same_problems(name, base, rast, rl)
         accs = [accuracy_metric(r["benchmarks"][name]["metrics"], metric) for r in (base, rast, rl)]
         rows[name] = {"base": accs[0], "rast": accs[1], "rl": accs[2], "rr": recovery_rate(*accs)}
     if len(names) > 1:
@@ -301,6 +302,21 @@ def compare_reports(base: Mapping, rast: Mapping, rl: Mapping, metric: str = "av
         rows["average"] = {**avg, "rr": recovery_rate(avg["base"], avg["rast"], avg["rl"])}
     return {"schema": SCHEMA, "metric": metric, "files": {k: r.get("predictions") for k, r in
             zip(("base", "rast", "rl"), (base, rast, rl))}, "rows": rows}
+
+
+def _check_same_problems(name: str, *reports: Mapping) -> None:
+    """RR compares three models on one problem set: refuse reports of different problems."""
+    labels = ("base", "RAST", "RL")
+    ids = [{v["id"] for v in r.get("verdicts", ()) if v["benchmark"] == name} for r in reports]
+    if all(ids) and any(i != ids[0] for i in ids):
+        counts = ", ".join(f"{label} {len(i)}" for label, i in zip(labels, ids))
+        raise ValueError(f"{name}: the three runs grade different problems ({counts}; "
+                         f"{len(set.intersection(*ids))} in common); an RR over them would be meaningless. "
+                         "Decode the same problems with each model (same --dataset and --limit).")
+    counts = [r["benchmarks"][name]["num_problems"] for r in reports]
+    if len(set(counts)) > 1:
+        raise ValueError(f"{name}: the three runs grade {', '.join(f'{l} {c}' for l, c in zip(labels, counts))} "
+                         "problems; decode the same problems with each model (same --dataset and --limit).")
 
 
 def format_comparison(comparison: Mapping[str, Any]) -> str:

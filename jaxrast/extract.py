@@ -28,6 +28,11 @@ _ANSWER_IS = re.compile(r"(?:final\s+)?answer\s+is\s*:?", re.IGNORECASE)
 # A signed number: "1,234.5" (separators only between groups of three, so the list
 # "1,2,5" is three numbers), "42", "3.14", ".5".
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+# "18 dollars", "20 miles per hour": a number then plain words, which are a unit unless
+# they are mathematics ("2 pi", "3 square root of 2").
+_NUMBER_THEN_WORDS = re.compile(rf"(?P<number>{_NUMBER.pattern})\s+(?P<words>[A-Za-z][A-Za-z\s/-]*)")
+_MATH_WORDS = frozenset("pi i e sqrt root roots square squared cube cubed over times plus minus divided "
+                        "power infinity and or to".split())
 # Ends the "the answer is ..." span: a newline, or a full stop followed by space / end.
 _SENTENCE_END = re.compile(r"\n|\.(?=\s|$)")
 # A math span at most a few plain words after "answer is": "therefore $x=2$".
@@ -95,8 +100,11 @@ def answer_is(text: str) -> str | None:
     else:
         end = _SENTENCE_END.search(rest)
         span = rest[: end.start()] if end else rest
-    span = span.strip().strip("$").strip()
-    return span.rstrip(".").strip() or None
+    span = span.strip().strip("$").strip().rstrip(".").strip()
+    unit = _NUMBER_THEN_WORDS.fullmatch(span)
+    if unit and not _MATH_WORDS.intersection(unit.group("words").lower().replace("-", " ").split()):
+        return unit.group("number").replace(",", "")
+    return span or None
 
 
 def last_number(text: str) -> str | None:

@@ -41,6 +41,10 @@ _DOLLARS = re.compile(r"(?<!\\)\$")
 _BOLD = re.compile(r"\\(?:textbf|mathbf|boldsymbol|bm)\s*\{([^{}]*)\}")
 # "1 4 4 0 0" (PDF-extracted bold digits) and "1 000 000" (thin-space thousands).
 _SPACED_DIGITS = re.compile(r"(?<=\d)\s(?=\d)")
+# LaTeX thousands spacing, "1\,000", "1\;000", "1~000", "1{,}000": only before a group of
+# exactly three digits, so a decimal comma "3{,}5" is left alone.
+_LATEX_THOUSANDS = re.compile(r"(?<=\d)(?:\\[,;:!]|\\ |~|\{,\})(?=\d{3}(?!\d))")
+_PERCENT = re.compile(r"\s*\\?%\s*$")
 
 
 class GradingTimeout(BaseException):
@@ -126,7 +130,7 @@ def normalise_answer(text: str) -> str:
     text = _DOLLARS.sub("", text).strip()
     for _ in range(3):  # \mathbf{\mathbf{...}} is rare; three levels is plenty
         text = _BOLD.sub(r"\1", text)
-    text = _SPACED_DIGITS.sub("", text)
+    text = _SPACED_DIGITS.sub("", _LATEX_THOUSANDS.sub("", text))
     text = _E_NOTATION.sub(r"\1\\times10^{\2}", text)
     return text.rstrip(".").strip()
 
@@ -154,6 +158,20 @@ def _verify(gold: tuple[Any, ...], pred: tuple[Any, ...]) -> bool:
     from math_verify import verify
 
     return bool(gold and pred and verify(list(gold), list(pred), timeout_seconds=None))
+
+
+def canonical_key(expr: Any) -> str:
+    """The majority-vote key of a parsed answer: sympy's print with every float made an
+    exact rational, so 18, 18.0 and 36/2 (and 12.5 and \\frac{25}{2}) vote together."""
+    try:
+        import sympy
+
+        floats = expr.atoms(sympy.Float)
+        if floats:
+            expr = expr.xreplace({f: sympy.Rational(str(f)) for f in floats})
+    except (AttributeError, TypeError, ValueError):  # not a sympy expression (a string, a set)
+        pass
+    return str(expr)
 
 
 def golds_of(gold: Gold) -> list[str]:
@@ -186,8 +204,13 @@ def judge(answer: str | None, gold: Gold, *, timeout: float | None = DEFAULT_TIM
         with deadline(timeout):
             pred = _parse(text)
             if pred:
-                key = str(pred[0])  # sympy's print: \frac{1}{2} and 1/2 vote together
-            correct = any(_verify(_parse(normalise_answer(g)), pred) for g in golds_of(gold))
+                key = canonical_key(pred[0])
+            golds = [normalise_answer(g) for g in golds_of(gold)]
+            correct = any(_verify(_parse(g), pred) for g in golds)
+            if not correct and any(_PERCENT.search(x) for x in (text, *golds)):
+                # "12.5\%" vs "12.5": math-verify matches whole-number percentages only
+                bare = _parse(_PERCENT.sub("", text))
+                correct = any(_verify(_parse(_PERCENT.sub("", g)), bare) for g in golds)
         return Judgement(correct, "ok", key)
     except GradingTimeout:
         return Judgement(False, "timeout", key)

@@ -81,9 +81,10 @@ def mean(values: Iterable[float]) -> float:
 
 def recovery_rate(acc_base: float, acc_rast: float, acc_rl: float) -> float | None:
     """(acc_rast - acc_base) / (acc_rl - acc_base): the share of the RL gain that RAST
-    recovers. None when the RL model does not differ from the base (undefined)."""
+    recovers. None when the RL model does not differ from the base (undefined; a gain
+    within float rounding of 0 counts as none, or the ratio would be ~1e15)."""
     gain = acc_rl - acc_base
-    if gain == 0 or any(math.isnan(x) for x in (acc_base, acc_rast, acc_rl)):
+    if math.isclose(gain, 0.0, abs_tol=1e-9) or any(math.isnan(x) for x in (acc_base, acc_rast, acc_rl)):
         return None
     return (acc_rast - acc_base) / gain
 

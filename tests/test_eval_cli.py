@@ -133,6 +133,14 @@ def test_compare_prints_recovery_rate(tmp_path, capsys):
     assert row["rr"] == pytest.approx((row["rast"] - row["base"]) / (row["rl"] - row["base"]))
 
 
+def test_compare_refuses_runs_over_different_problems(tmp_path, capsys):
+    base, rast = (_model_file(tmp_path, n, a) for n, a in [("base", 0.2), ("rast", 0.5)])
+    rl = _model_file(tmp_path, "rl", 0.6, problems=3)
+    assert run_cli("--compare", base, rast, rl, "--workers", 0) != 0
+    err = capsys.readouterr().err
+    assert "different problems" in err and "RL 3" in err
+
+
 def test_plot_writes_png(tmp_path):
     files = [_model_file(tmp_path, n, a) for n, a in [("base", 0.2), ("rl", 0.6)]]
     png = tmp_path / "passk.png"

@@ -30,7 +30,10 @@ EXTRACTION = [
     ("The answer is 18.", "18", "answer_is"),
     ("So the final answer is: $\\frac{3}{4}$.", r"\frac{3}{4}", "answer_is"),
     ("The answer is therefore $12$, since 3+9=12.", "12", "answer_is"),
-    ("the answer is 3.5 dollars\nnext line 9", "3.5 dollars", "answer_is"),
+    ("the answer is 3.5 dollars\nnext line 9", "3.5", "answer_is"),  # a unit after the number is dropped
+    ("The answer is 20 miles per hour.", "20", "answer_is"),
+    ("The answer is 1,000 people.", "1000", "answer_is"),
+    ("The answer is 2 pi.", "2 pi", "answer_is"),  # mathematics, not a unit
     ("She pays 2 + 3 = 5 dollars, so 1,234 in total", "1234", "last_number"),
     ("temperature drops to -7 degrees", "-7", "last_number"),
     ("ratio is .5", ".5", "last_number"),
@@ -93,6 +96,12 @@ EQUIVALENT = [
     (r"2\pi", r"2 \pi"),
     (r"-\frac{1}{3}", r"-\frac13"),
     (r"\$1.50", "1.5"),
+    (r"1\,000", "1000"),  # LaTeX thousands spacing
+    (r"1\;000", "1000"),
+    ("1~000", "1000"),
+    ("1{,}000", "1000"),
+    (r"12.5\%", "12.5"),  # decimal percentages (math-verify alone matches whole ones only)
+    ("17.5", r"17.5\%"),
     ("27", "27"),  # AMC23 stores 27.0; the loader gives "27"
     (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}"),
     ("3+2i", "3+2i"),
@@ -121,6 +130,8 @@ NEAR_MISS = [
     ("10", "100"),
     ("3-2i", "3+2i"),
     (r"\infty", "0"),
+    ("3{,}5", "35"),  # a decimal comma is not a thousands separator
+    (r"12.5\%", "13.5"),
 ]
 
 
@@ -154,6 +165,10 @@ def test_statuses():
 
 def test_vote_key_identifies_equivalent_spellings():
     assert judge(r"\frac{1}{2}", "7").vote_key == judge("1/2", "7").vote_key
+    keys = {judge(a, "7").vote_key for a in ("18", "18.0", "36/2", "18.00")}
+    assert len(keys) == 1, keys  # integers and decimals vote together
+    assert judge("12.5", "7").vote_key == judge(r"\frac{25}{2}", "7").vote_key
+    assert judge("0.1", "7").vote_key != judge("0.10001", "7").vote_key
 
 
 def test_normalise_answer():

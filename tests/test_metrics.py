@@ -75,6 +75,8 @@ def test_recovery_rate():
     assert recovery_rate(0.2, 0.5, 0.6) == pytest.approx(0.75)
     assert recovery_rate(0.2, 0.7, 0.6) == pytest.approx(1.25)  # RAST can beat RL
     assert recovery_rate(0.4, 0.5, 0.4) is None  # undefined without an RL gain
+    base, rl = sum([.1, .2, .3]) / 3, sum([.3, .2, .1]) / 3  # equal up to float rounding
+    assert base != rl and recovery_rate(base, 0.3, rl) is None
 
 
 def test_default_ks():
