@@ -4,12 +4,16 @@ Each step directory holds the arrays (params, optimiser state, ...) and a JSON i
 (step, RNG key, data position, config, ...). A checksum of every array is stored in the
 JSON and verified on restore, because a flipped byte in a tensor file restores silently;
 `restore_latest` walks back from the newest step to the newest one that restores and
-verifies, warning about (and deleting) the broken ones so training can save over them.
+verifies. Broken newer steps are moved aside (to `<directory>.corrupt/`, never deleted) once
+an older one has restored, so training can save over them. A checkpoint whose arrays do not
+fit this run (a changed model or optimiser) is an error, not corruption: nothing is moved.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 import warnings
 from typing import Any
 
@@ -26,6 +30,10 @@ STATE, META = "state", "meta"
 
 class CorruptCheckpointError(RuntimeError):
     pass
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint is intact but holds other arrays than this run expects."""
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -67,45 +75,91 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Writes `state` (a pytree of jax arrays) and JSON-able `meta` as `step`."""
-        meta = dict(meta, checksums=checksums(state))
+        meta = dict(meta, checksums=checksums(state),
+                    layout={k: [list(np.shape(v)), str(v.dtype)] for k, v in _flat(state).items()})
         self._manager.save(step, args=ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(_flat(state)), META: ocp.args.JsonSave(meta)}))
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
         """(state, meta) of `step`. target: a pytree like the saved state whose leaves are
-        `jax.ShapeDtypeStruct`s carrying the shardings to restore onto."""
+        `jax.ShapeDtypeStruct`s carrying the shardings to restore onto. Raises
+        `CheckpointMismatchError` when the step holds other arrays than `target`, and
+        `CorruptCheckpointError` (or the reader's error) when its files are damaged."""
         flat_target = _flat(target)
+        self._check_layout(step, self._read_meta(step), flat_target)
         out = self._manager.restore(step, args=ocp.args.Composite(**{
             STATE: ocp.args.StandardRestore(flat_target), META: ocp.args.JsonRestore()}))
         flat, meta = dict(out[STATE]), dict(out[META])
         if set(flat) != set(flat_target):
-            raise CorruptCheckpointError(f"step {step} holds different arrays than this run expects "
-                                         f"({len(flat)} vs {len(flat_target)}); was the model or optimiser changed?")
+            raise CorruptCheckpointError(f"step {step} holds {len(flat)} arrays where its metadata lists "
+                                         f"{len(flat_target)}.")
         state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), [flat[k] for k in flat_target])
+        meta.pop("layout", None)
         stored, found = meta.pop("checksums", None), checksums(state)
         if stored != found:
             bad = sorted(k for k in found if (stored or {}).get(k) != found[k])
             raise CorruptCheckpointError(f"step {step}: checksum mismatch in {len(bad)} array(s), e.g. {bad[:2]}.")
         return state, meta
 
+    def _read_meta(self, step: int) -> dict[str, Any]:
+        out = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+        return dict(out[META])
+
+    def _check_layout(self, step: int, meta: dict[str, Any], flat_target: dict[str, Any]) -> None:
+        """Refuses a step whose arrays (names, shapes, dtypes) differ from this run's."""
+        stored = meta.get("layout") or {k: None for k in meta.get("checksums", {})}
+        want = {k: [list(v.shape), str(v.dtype)] for k, v in flat_target.items()}
+        differ = sorted(k for k in set(stored) | set(want)
+                        if k not in stored or k not in want or (stored[k] is not None and stored[k] != want[k]))
+        if differ:
+            detail = "; ".join(f"{k}: saved {stored.get(k)}, expected {want.get(k)}" for k in differ[:3])
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} holds other arrays than this run builds "
+                f"({len(differ)} differ, e.g. {detail}). The model or optimiser config changed (e.g. "
+                "max_grad_norm, param dtype, LoRA/model size): resume with the config the run was started "
+                "with, or train into a new output_dir. Nothing was deleted.")
+
     def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """The newest step that restores intact, as (step, state, meta); None if there is none.
 
-        A broken newer step is reported with a warning and deleted, so that the resumed
-        run can save that step again.
+        Broken newer steps are reported with a warning and, once an older step has
+        restored, moved to `<directory>.corrupt/` so the resumed run can save those steps
+        again. If no step restores, nothing is moved and `CorruptCheckpointError` is raised.
+        A step that does not fit `target` raises `CheckpointMismatchError` at once.
         """
         self._manager.reload()
+        broken: list[int] = []
         for step in reversed(self.steps()):
             try:
                 state, meta = self.restore(step, target)
+            except CheckpointMismatchError:
+                raise
             except Exception as err:  # noqa: BLE001 - any failure to read means "unusable"
                 warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable or corrupt "
                               f"({type(err).__name__}: {str(err)[:300]}); falling back to the previous one.",
                               stacklevel=2)
-                self._manager.delete(step)
+                broken.append(step)
                 continue
+            for bad in broken:
+                self._move_aside(bad)
             return step, state, meta
+        if broken:
+            raise CorruptCheckpointError(
+                f"no checkpoint in {self.directory} restores intact (steps {sorted(broken)}; see the warnings). "
+                "Move the directory away to start afresh, or restore an older copy.")
         return None
+
+    def _move_aside(self, step: int) -> None:
+        """Moves a broken step directory to `<directory>.corrupt/<step>-<time>` (process 0)."""
+        if jax.process_index() == 0:
+            aside = f"{self.directory}.corrupt"
+            os.makedirs(aside, exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), os.path.join(aside, f"{step}-{int(time.time())}"))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxrast-ckpt-aside-{step}")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from typing import Any, Sequence, TypeVar
 
@@ -27,28 +28,84 @@ def _is_dataclass_type(tp) -> bool:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Builds dataclass `cls` from a mapping, recursing into nested dataclass fields."""
+    """Builds dataclass `cls` from a mapping, recursing into nested dataclass fields.
+    Every value is checked against its field's type (see `coerce`)."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}.")
-    types = _field_types(cls)
-    unknown = sorted(set(data) - set(types))
+        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}.")
+    fields = _field_types(cls)
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(types)}.")
-    kwargs = {}
-    for key, value in data.items():
-        tp = types[key]
-        if _is_dataclass_type(tp) and isinstance(value, dict):
-            value = from_dict(tp, value, f"{where}.{key}")
-        elif isinstance(value, list) and typing.get_origin(tp) is tuple:
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        elif tp in (float, int) and isinstance(value, (str, int)) and not isinstance(value, bool):
-            # YAML 1.1 reads '2e-5' as a string; coerce numbers to the field's type.
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}.")
+    return cls(**{key: coerce(fields[key], value, f"{where}.{key}") for key, value in data.items()})
+
+
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """`value` (parsed YAML) as type `tp`, or a ValueError naming the key and the fix.
+
+    Numbers written as strings ('2e-5', which YAML 1.1 reads as a string) become numbers;
+    an integral float fills an int field, any other float does not; bools must be
+    true/false; a single string fills a tuple-of-strings field as one element (not one per
+    character); lists become tuples.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if _is_dataclass_type(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
             try:
-                value = tp(value)
+                return coerce(option, value, where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}.")
+    if tp in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value) if tp is float else int(value)
             except ValueError:
-                raise ValueError(f"{where}.{key}: expected {tp.__name__}, got {value!r}.") from None
-        kwargs[key] = value
-    return cls(**kwargs)
+                raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}.") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}.")
+        if tp is int:
+            if number != int(number):
+                raise ValueError(f"{where}: expected a whole number, got {value!r}.")
+            return int(number)
+        return float(number)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        hint = (" YAML read braces as a mapping: quote the value, e.g. key='\"{question}\"'"
+                if isinstance(value, (dict, list)) else "")
+        raise ValueError(f"{where}: expected a string, got {value!r}.{hint}")
+    if origin is tuple:
+        item = args[0] if args else Any
+        if isinstance(value, str) and item is str:
+            return (value,)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        if args and len(value) != len(args):
+            raise ValueError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r}).")
+        return tuple(coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))) if args \
+            else tuple(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}.")
+        if len(args) == 2:
+            return {k: coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return value
+    return value
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -70,9 +127,13 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             raise ValueError(f"override {item!r} must look like key=value (e.g. lr=1e-5).")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
+        if value is None and raw.strip() not in ("null", "~", "Null", "NULL"):
+            value = raw  # '#2' is a YAML comment, not null: keep the text
         node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part) or {}, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is a value, not a section.")
             node[part] = dict(node.get(part) or {})
             node = node[part]
         node[parts[-1]] = value

@@ -62,9 +62,6 @@ def row_uid(row_id: str) -> int:
     return zlib.crc32(str(row_id).encode()) & 0x7FFFFFFF
 
 
-_RUN_KEYS = ("seed", "mode", "lam", "temperature", "top_p", "max_new_tokens")
-
-
 def read_finished(path: str, run: dict[str, Any]) -> set[tuple[str, int]]:
     """(id, sample) pairs already in `path`. A torn last line (a crash mid-write) is cut off
     so the file stays valid JSONL; rows from a different run configuration are an error."""
@@ -85,9 +82,9 @@ def read_finished(path: str, run: dict[str, Any]) -> set[tuple[str, int]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise ValueError(f"{path}:{lineno} is not valid JSON; repair or remove the line, or use a new --out.") from None
-        theirs = {k: row.get(k) for k in _RUN_KEYS}
-        if theirs != run:
-            diff = {k: (theirs[k], run[k]) for k in _RUN_KEYS if theirs[k] != run[k]}
+        # keys a row lacks were not recorded by the jaxrast that wrote it: not a difference
+        diff = {k: (row[k], run[k]) for k in run if k in row and row[k] != run[k]}
+        if diff:
             raise ValueError(f"{path} already holds rows of another run ({', '.join(f'{k}: file {a!r}, now {b!r}' for k, (a, b) in diff.items())}). "
                              "Use a new --out file, or the same settings to resume.")
         done.add((str(row["id"]), int(row["sample"])))
@@ -170,8 +167,17 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
     rows = load_rows(cfg.dataset, cfg.fields, require_answer=False)[: cfg.limit]
     benchmark = canonical_name(cfg.dataset) if is_benchmark else None
     lams = [float(p[2]) for p in cfg.pairs] if mode == "rast" else []
+    # checked before any model is loaded
+    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            max_new_tokens=cfg.max_new_tokens, n=cfg.n, stop_strings=tuple(cfg.stop),
+                            seed=cfg.seed)
+    # Everything that shapes a row's text: rows written under other settings must not be mixed in.
+    models = {"rl": [cfg.pairs[0][0]] if cfg.pairs else [], "base": [cfg.base],
+              "rast": [cfg.base, *(str(path) for p in cfg.pairs for path in p[:2])]}[mode]
     run = {"seed": cfg.seed, "mode": mode, "lam": lams, "temperature": cfg.temperature, "top_p": cfg.top_p,
-           "max_new_tokens": cfg.max_new_tokens}
+           "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop),
+           "lam_schedule": cfg.lam_schedule if mode == "rast" else None, "prompt_template": template,
+           "models": models}
     finished = _finished_everywhere(cfg.out, run)
     todo = [r for r in rows if any((r["id"], s) not in finished for s in range(cfg.n))]
     summary = {"rows": len(rows), "skipped": len(rows) - len(todo), "written": 0, "tokens": 0, "out": cfg.out}
@@ -185,9 +191,6 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
         raise ValueError("the checkpoint has no tokenizer files; decoding text needs one.")
     engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
                   batch_size=cfg.batch_size, cache_segments=cfg.cache_segments, workers=cfg.workers)
-    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            max_new_tokens=cfg.max_new_tokens, n=cfg.n, stop_strings=tuple(cfg.stop),
-                            seed=cfg.seed)
     prompts = [render(template, r) for r in todo]
     traced = None
     if cfg.trace_rows:

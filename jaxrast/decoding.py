@@ -61,6 +61,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < 0 or self.max_new_tokens < 1 or self.n < 1:
             raise ValueError("top_k must be >= 0, max_new_tokens >= 1 and n >= 1.")
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed must be in [0, 2**31), got {self.seed}.")
 
 
 @dataclasses.dataclass
@@ -293,7 +295,7 @@ class RAST:
         eos = () if tok is None or tok.eos_token_id is None else (tok.eos_token_id,)
         stop_ids = np.array(params.stop_token_ids if params.stop_token_ids is not None else eos or (-1,), np.int32)
         pad_id = int(tok.pad_token_id if tok is not None and tok.pad_token_id is not None else
-                     (stop_ids[0] if stop_ids[0] >= 0 else 0))
+                     (stop_ids[0] if len(stop_ids) and stop_ids[0] >= 0 else 0))
         bar = tqdm(total=len(rows), desc="decoding", unit="row", disable=progress is False or
                    (progress is None and len(rows) < 2 * self.batch_size))
         t0, total_tokens = time.perf_counter(), 0

@@ -18,6 +18,9 @@ class Run:
     name: str = "x"
     steps: int = 10
     optim: Optim = dataclasses.field(default_factory=Optim)
+    stops: tuple[str, ...] = ()
+    fast: bool = False
+    limit: int | None = None
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -37,3 +40,19 @@ def test_errors_name_the_problem(tmp_path):
         load_config(Run, overrides=["steps"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(Run, str(tmp_path / "missing.yaml"))
+
+
+def test_values_are_checked_against_their_field_types():
+    ok = load_config(Run, overrides=["steps=4.0", "stops=ab", "limit=null", "fast=true", "optim.betas=[1, 0.5]"])
+    assert ok.steps == 4 and ok.stops == ("ab",) and ok.limit is None and ok.fast and ok.optim.betas == (1.0, 0.5)
+    assert load_config(Run, overrides=["stops=[a, '#']"]).stops == ("a", "#")
+    assert load_config(Run, overrides=["name=#1"]).name == "#1"  # not a YAML comment
+    for override, match in [("steps=1.5", "whole number"), ("fast=yes please", "true or false"),
+                            ("name={question}", "quote the value"), ("optim=3", "mapping of Optim"),
+                            ("steps.x=1", "expected int"), ("optim.lr=fast", "expected float"),
+                            ("optim.betas=[1]", "expected 2 values"), ("stops=[1]", r"stops\[0\]: expected a string"),
+                            ("limit=2.5", "whole number")]:
+        with pytest.raises(ValueError, match=match):
+            load_config(Run, overrides=[override])
+    with pytest.raises(ValueError, match="is a value, not a section"):
+        load_config(Run, overrides=["name=a", "name.x=1"])

@@ -96,6 +96,15 @@ def test_mismatched_rerun_and_bad_input_errors(paths, tmp_path, capsys):
     assert main(decode_args(paths, out, "--limit", "1")) == 0
     assert main(decode_args(paths, out, "--limit", "1", "--seed", "4")) == 2
     assert "already holds rows of another run (seed: file 3, now 4)" in capsys.readouterr().err
+    for changed, diff in [(["--top-k", "5"], "top_k: file 0, now 5"), (["--lam-schedule", "first:3"], "lam_schedule"),
+                          (["--stop", "#"], "stop:"), (["--prompt-template", "Q: {question}"], "prompt_template")]:
+        assert main(decode_args(paths, out, "--limit", "2", *changed)) == 2  # no rows of other settings mixed in
+        assert diff in capsys.readouterr().err
+    assert len(read_rows(out)) == 2
+    assert main(decode_args(paths, tmp_path / "s.jsonl", "--seed", str(2**31))) == 2
+    assert "seed must be in [0, 2**31)" in capsys.readouterr().err
+    assert main(["decode", "--base", paths["base"], "--lam", "0.3", "--out", str(tmp_path / "l.jsonl")]) == 2
+    assert "--lam weights the pair given by --rl/--ref" in capsys.readouterr().err
     assert main(decode_args(paths, tmp_path / "y.jsonl", "--mode", "rast", "--dataset", "nope.jsonl")) == 2
     assert "nope.jsonl" in capsys.readouterr().err
     assert main(["decode", "--mode", "rast", "--base", paths["base"], "--out", str(tmp_path / "z.jsonl")]) == 2
@@ -112,3 +121,11 @@ def test_read_finished_truncates_torn_line(tmp_path):
     path.write_text(json.dumps({"id": "a", "sample": 0, **run}) + "\n" + '{"id": "b", "sam')
     assert read_finished(str(path), run) == {("a", 0)}
     assert path.read_text().endswith("}\n")
+
+
+def test_stop_flag_unescapes_backslashes_and_keeps_other_text():
+    from jaxrast.cli import build_parser
+    from jaxrast.commands.decode import config_from_args
+
+    args = build_parser().parse_args(["decode", "--stop", "问题：", "--stop", "\\n\\nÜbung"])
+    assert config_from_args(args).stop == ("问题：", "\n\nÜbung")

@@ -139,6 +139,16 @@ def test_no_pairs_equals_plain_sampled_decoding(trio):
     assert [[c.token_ids for c in r] for r in again] == [[c.token_ids for c in r] for r in res]
 
 
+def test_token_ids_without_a_tokenizer_or_stop_ids(trio):
+    base, _, _, tok = trio
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    eng = RAST(base, batch_size=2, workers=1)  # no tokenizer: no pad or eos token to fall back on
+    out = eng.generate(ids, SamplingParams(temperature=0, max_new_tokens=5, stop_token_ids=()))
+    assert [c[0].num_tokens for c in out] == [5, 5] and all(c[0].finish_reason == "length" for c in out)
+    with pytest.raises(ValueError, match="seed must be"):
+        SamplingParams(seed=2**31)
+
+
 def test_sampling_frequencies_match_top_p_softmax(trio):
     base, rl, ref, tok = trio
     lam, tau, top_p, draws = 0.7, 0.8, 0.9, 4000

@@ -139,11 +139,29 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     with pytest.warns(UserWarning, match="step 3 .* corrupt"):
         assert trainer.restore() == 2
     assert trainer.ckpt.steps() == [1, 2]
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints.corrupt").iterdir()] == ["3"]  # kept aside
     replay = trainer.run()  # step 3 again, identical to the first run
     trainer.close()
     assert [m["step"] for m in replay] == [3]
     same_metrics(replay[0], full[2], 1e-6)
     assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_with_a_changed_optimiser_is_refused_and_deletes_nothing(tmp_path):
+    """Without clipping the optimiser state has other arrays: that is a config error, not
+    corruption, so every checkpoint and the metrics stay as they were."""
+    rows = toy_rows()
+    cfg = toy_config(tmp_path, steps=2, save_every=1, export_hf=False, loss=LossSpec(micro_batch_size=64))
+    policy, tok = toy_policy()
+    train(cfg, policy=policy, tokenizer=tok, rows=rows, reward_fns=[a_reward])
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    changed = toy_config(tmp_path, steps=3, save_every=1, export_hf=False, loss=LossSpec(micro_batch_size=64),
+                         optim=OptimSpec(lr=1e-2, max_grad_norm=0.0))
+    policy, tok = toy_policy()
+    with pytest.raises(ValueError, match="other arrays than this run builds.*Nothing was deleted"):
+        train(changed, policy=policy, tokenizer=tok, rows=rows, reward_fns=[a_reward], resume=True)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
 
 
 def test_existing_checkpoints_need_resume_and_bad_configs_are_named(tmp_path):

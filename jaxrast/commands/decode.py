@@ -71,11 +71,15 @@ def config_from_args(args: argparse.Namespace):
     if args.rl or args.ref:
         if not (args.rl and args.ref):
             raise ValueError("--rl and --ref go together (and optionally --lam).")
+    elif args.lam is not None:
+        raise ValueError("--lam weights the pair given by --rl/--ref; with --pair or pairs from the config, "
+                         "give each weight as LAM in --pair RL REF LAM (or in the YAML's pairs).")
         pairs.append((args.rl, args.ref, args.lam if args.lam is not None else 1.0))
     if pairs:
         base["pairs"] = tuple((rl, ref, float(lam)) for rl, ref, lam in pairs)
     if args.stop:
-        base["stop"] = tuple(s.encode().decode("unicode_escape") for s in args.stop)
+        # "\\n" typed in a shell becomes a newline; other text (问题：, Übung) stays as it is
+        base["stop"] = tuple(s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in args.stop)
     if args.allow_pickle:
         base["allow_pickle"] = True
     if args.save_token_ids:

@@ -148,6 +148,7 @@ class GRPOConfig:
              "loss.old_logprobs=sampler needs temperature 1 and no top-p/top-k (the sampler's log-probs are "
              "of the unfiltered τ=1 policy); use old_logprobs=recompute"),
             (r.temperature > 0, "rollout.temperature must be > 0 for GRPO (greedy groups have no variance)"),
+            (0 < r.top_p <= 1 and r.top_k >= 0, "need 0 < rollout.top_p <= 1 and rollout.top_k >= 0 (0: off)"),
             (o.lr > 0 and o.warmup_steps >= 0 and 0 <= o.min_lr_ratio <= 1, "need optim.lr > 0, "
              "warmup_steps >= 0 and 0 <= min_lr_ratio <= 1"),
             (self.steps >= 1 and self.save_every >= 1 and self.keep_checkpoints >= 1,

@@ -46,12 +46,24 @@ class MathReward:
         if self._pool is None:
             from jaxrast.grading_pool import GraderPool
             self._pool = GraderPool(self.processes, timeout=self.timeout)
-        return [float(ok) for ok in self._pool.is_correct_many(list(completions), list(answer))]
+        return [float(ok) for ok in self._pool.is_correct_many(list(completions), [_gold(a, i) for i, a in
+                                                                                  enumerate(answer)])]
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+
+def _gold(answer: Any, index: int) -> str | list[str]:
+    """A row's gold answer as the grader takes it: a string, or a list of acceptable strings
+    (numbers such as 42 or 0.5 become their text)."""
+    if isinstance(answer, (list, tuple)) and answer:
+        return [str(a) for a in answer]
+    if answer is None or isinstance(answer, (list, tuple)) or str(answer).strip() == "":
+        raise ValueError(f"the math reward got no answer for completion {index} ({answer!r}); every data row "
+                         "needs a gold answer (drop or fix such rows, or use another reward).")
+    return str(answer)
 
 
 def load_callable(spec: str) -> RewardFn:
