@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from typing import Any
 
@@ -43,6 +44,7 @@ def as_dtype(dtype: Any) -> jnp.dtype:
 
 def resolve_checkpoint(path_or_id: str, revision: str | None = None) -> str:
     """A local directory for a path or a hub id (looked up in the local HF cache first)."""
+    path_or_id = os.path.expanduser(path_or_id)
     if os.path.isdir(path_or_id):
         return path_or_id
     if os.path.exists(path_or_id):
@@ -209,20 +211,29 @@ def load_model(path_or_id: str, *, dtype: Any = jnp.float32, param_dtype: Any = 
     bar.close()
     unused = available - {hf_key(path_str(p))[0] for p, _ in leaves} - {"lm_head.weight"}
     unused = {k for k in unused if not k.endswith("rotary_emb.inv_freq")}
-    if unused:
-        warnings.warn(f"{directory}: {len(unused)} tensors were not used: {sorted(unused)[:5]}...", stacklevel=2)
+    if unused:  # weights the forward would silently ignore: its logits would be wrong
+        raise ValueError(f"{directory}: {len(unused)} tensor(s) have no place in jaxrast's {cfg.model_type} model, "
+                         f"e.g. {sorted(unused)[:3]}; the checkpoint uses a variant of the architecture that "
+                         "jaxrast does not implement (check config.json's bias/attention options).")
     state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), arrays)
     return nnx.merge(graphdef, state), cfg, load_tokenizer(directory)
 
 
+_STALE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
+
+
 def save_hf(model: CausalLM, tokenizer, directory: str, *, dtype: Any = None,
-            max_shard_bytes: int = 5 * 1024**3) -> str:
+            max_shard_bytes: int = 5 * 1024**3, source: str | None = None) -> str:
     """Writes `model` (and `tokenizer`) as a HuggingFace checkpoint that
     `transformers.AutoModelForCausalLM.from_pretrained(directory)` loads.
 
     dtype: storage dtype of the weights (default: the params' own). Weights above
     `max_shard_bytes` are split into shards with a `model.safetensors.index.json`.
-    Only process 0 writes files in a multi-process run.
+    Weight files of an earlier export in `directory` are removed first (a stale index or
+    single file would shadow the new weights in one loader or another). `source`: the
+    checkpoint the model came from; its `generation_config.json` (eos ids, sampling
+    defaults) is copied along. Only process 0 writes files in a multi-process run.
     """
     cfg: ModelConfig = model.cfg
     tensors: dict[str, np.ndarray] = {}
@@ -235,6 +246,9 @@ def save_hf(model: CausalLM, tokenizer, directory: str, *, dtype: Any = None,
     if not is_main():
         return directory
     os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name in _STALE_WEIGHTS or (name.startswith(("model-", "pytorch_model-")) and "-of-" in name):
+            os.remove(os.path.join(directory, name))
     config = cfg.to_hf_dict()
     config["dtype"] = str(next(iter(tensors.values())).dtype)
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -260,4 +274,7 @@ def save_hf(model: CausalLM, tokenizer, directory: str, *, dtype: Any = None,
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    generation = os.path.join(resolve_checkpoint(source), "generation_config.json") if source else None
+    if generation and os.path.exists(generation):
+        shutil.copyfile(generation, os.path.join(directory, "generation_config.json"))
     return directory

@@ -80,6 +80,8 @@ def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.attention_bias:
             out[f"self_attn.{name}.bias"] = (width,)
     out["self_attn.o_proj.kernel"] = (q, h)
+    if cfg.o_proj_bias:
+        out["self_attn.o_proj.bias"] = (h,)
     for name, shape in (("gate_proj", (h, i)), ("up_proj", (h, i)), ("down_proj", (i, h))):
         out[f"mlp.{name}.kernel"] = shape
         if cfg.mlp_bias:

@@ -27,6 +27,7 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"self_attn\.(q_proj|k_proj|v_proj)\.kernel$", P("fsdp", "tensor")),
     (r"self_attn\.(q_proj|k_proj|v_proj)\.bias$", P("tensor")),
     (r"self_attn\.o_proj\.kernel$", P("tensor", "fsdp")),
+    (r"self_attn\.o_proj\.bias$", P()),
     (r"mlp\.(gate_proj|up_proj)\.kernel$", P("fsdp", "tensor")),
     (r"mlp\.(gate_proj|up_proj)\.bias$", P("tensor")),
     (r"mlp\.down_proj\.kernel$", P("tensor", "fsdp")),
@@ -46,6 +47,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError("make_mesh: at most one of data/fsdp/tensor may be -1.")
+    if any(s < 1 and s != -1 for s in sizes):
+        raise ValueError(f"make_mesh: sizes must be >= 1 (or -1 for the remaining devices), got data={data}, "
+                         f"fsdp={fsdp}, tensor={tensor}.")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:

@@ -11,7 +11,7 @@ CHARS = "0123456789abcdefghijklmnopqrstuvwxyz +-*=#:?.\n"
 
 def hf_config(kind: str = "qwen2", *, vocab: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4,
               kv_heads: int = 2, inter: int = 96, tie: bool = False, rope_scaling: dict | None = None,
-              init_range: float = 0.2, theta: float = 10000.0, max_pos: int = 2048):
+              init_range: float = 0.2, theta: float = 10000.0, max_pos: int = 2048, bias: bool = False):
     from transformers import LlamaConfig, Qwen2Config
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
@@ -22,7 +22,7 @@ def hf_config(kind: str = "qwen2", *, vocab: int = 64, hidden: int = 64, layers:
         rope.update(rope_scaling)
     if kind == "qwen2":
         return Qwen2Config(**common, rope_parameters=rope)
-    return LlamaConfig(**common, rope_parameters=rope, attention_bias=False, mlp_bias=False)
+    return LlamaConfig(**common, rope_parameters=rope, attention_bias=bias, mlp_bias=bias)
 
 
 def make_checkpoint(directory: str, kind: str = "qwen2", seed: int = 0, **kw) -> str:

@@ -107,6 +107,41 @@ def test_wrong_tensor_shape(tmp_path, ckpt_dir):
         load_model(d)
 
 
+def test_unknown_tensor_is_refused(tmp_path, ckpt_dir):
+    """A tensor the model has no place for (an architecture variant) must not be dropped silently."""
+    d = copy_ckpt(ckpt_dir("qwen2"), tmp_path / "c")
+    f = SafetensorsFile(os.path.join(d, "model.safetensors"))
+    tensors = {k: np.array(f.get(k)) for k in f.keys()}
+    del f
+    tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
+    save_file(tensors, os.path.join(d, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"no place in jaxrast's qwen2 model.*o_proj.bias"):
+        load_model(d)
+
+
+def test_export_over_an_earlier_export_and_generation_config(ckpt_dir, tmp_path, monkeypatch):
+    src = ckpt_dir("qwen2")
+    (tmp_path / "src").mkdir()
+    src = copy_ckpt(src, tmp_path / "src" / "ckpt")
+    with open(os.path.join(src, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [1, 5], "temperature": 0.7}, f)
+    monkeypatch.setenv("HOME", str(tmp_path / "src"))
+    model, _, tok = load_model("~/ckpt")  # ~ is expanded
+    ids = np.random.RandomState(0).randint(3, 40, (1, 32))
+    out = str(tmp_path / "hf")
+    save_hf(model, tok, out, max_shard_bytes=20_000)  # sharded first, then one file over it, then sharded
+    for step, shard_bytes in enumerate((1 << 40, 20_000)):
+        layer = model.layers[0].mlp.up_proj.kernel
+        layer[...] = layer[...] + 0.5
+        save_hf(model, tok, out, max_shard_bytes=shard_bytes, source="~/ckpt")
+        want = np.asarray(model(jnp.asarray(ids))[0])
+        ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(ref(torch.tensor(ids)).logits.numpy(), want, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(np.asarray(load_model(out)[0](jnp.asarray(ids))[0]), want)
+    assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == [1, 5]
+
+
 def test_missing_tensor(tmp_path, ckpt_dir):
     d = copy_ckpt(ckpt_dir("qwen2"), tmp_path / "c")
     f = SafetensorsFile(os.path.join(d, "model.safetensors"))

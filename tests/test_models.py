@@ -19,6 +19,7 @@ CONFIGS = {
     "qwen2-mha-gqa1": ("qwen2", dict(kv_heads=4, theta=1e6)),
     "qwen2-padded-vocab": ("qwen2", dict(vocab=96)),
     "llama3-rope-scaling": ("llama", dict(rope_scaling=LLAMA3)),
+    "llama-biases": ("llama", dict(bias=True)),  # attention_bias covers q/k/v *and* o_proj in llama
 }
 ATOL_F32 = 1e-4
 # bfloat16 keeps 8 mantissa bits; logits of magnitude ~10 after 2 layers differ by up to

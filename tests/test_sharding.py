@@ -71,6 +71,8 @@ def test_shard_existing_model_and_single_device_mesh(ckpt_dir):
 def test_make_mesh_errors():
     with pytest.raises(ValueError, match="devices are available"):
         make_mesh(data=3, fsdp=1, tensor=1)
+    with pytest.raises(ValueError, match="sizes must be >= 1"):
+        make_mesh(data=0, fsdp=-1)
     with pytest.raises(ValueError, match="at most one"):
         make_mesh(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="no partition rule"):

@@ -269,7 +269,7 @@ class GRPOTrainer:
     def export(self, directory: str) -> str:
         """Writes the policy as a HuggingFace checkpoint (usable as `rl` in decode, transformers, vLLM)."""
         from jaxrast.checkpoints import save_hf
-        return save_hf(self.policy, self.tokenizer, directory)
+        return save_hf(self.policy, self.tokenizer, directory, source=self.cfg.model.path or None)
 
     def close(self) -> None:
         self.ckpt.close()

@@ -33,7 +33,7 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] = ()
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q/k/v (qwen2: always True)
+    attention_bias: bool = False  # bias on q/k/v (qwen2: always True); llama: on o_proj too
     mlp_bias: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = None
@@ -42,6 +42,11 @@ class ModelConfig:
     @property
     def rope_type(self) -> str:
         return dict(self.rope_scaling).get("rope_type", "default")
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Llama's `attention_bias` covers o_proj as well; Qwen2's q/k/v biases do not."""
+        return self.attention_bias and self.model_type != "qwen2"
 
     @property
     def num_groups(self) -> int:

@@ -119,7 +119,7 @@ class Attention(nnx.Module):
         self.q_proj = _linear(h, cfg.num_attention_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
         self.k_proj = _linear(h, cfg.num_key_value_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
         self.v_proj = _linear(h, cfg.num_key_value_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
-        self.o_proj = _linear(cfg.num_attention_heads * d, h, False, dtype, param_dtype, rngs)
+        self.o_proj = _linear(cfg.num_attention_heads * d, h, cfg.o_proj_bias, dtype, param_dtype, rngs)
 
     def __call__(self, x, positions, key_mask, query_slots, k_cache=None, v_cache=None, index=None):
         """x [b, t, h]; key_mask [b, s]; query_slots [t] (slot of each query, for causality).
