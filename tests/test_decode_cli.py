@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from jaxrast.cli import main
+from jaxrast.cli import build_parser, main
+from jaxrast.commands.decode import config_from_args
 from jaxrast.decode_job import read_finished
 
 SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, inter=64)
@@ -124,8 +125,12 @@ def test_read_finished_truncates_torn_line(tmp_path):
 
 
 def test_stop_flag_unescapes_backslashes_and_keeps_other_text():
-    from jaxrast.cli import build_parser
-    from jaxrast.commands.decode import config_from_args
-
     args = build_parser().parse_args(["decode", "--stop", "问题：", "--stop", "\\n\\nÜbung"])
     assert config_from_args(args).stop == ("问题：", "\n\nÜbung")
+
+
+def test_rl_ref_lam_flags_make_one_pair():
+    cfg = config_from_args(build_parser().parse_args(["decode", "--base", "b", "--rl", "r", "--ref", "f", "--lam", "0.3"]))
+    assert cfg.pairs == (("r", "f", 0.3),) and cfg.resolved_mode() == "rast"
+    cfg = config_from_args(build_parser().parse_args(["decode", "--base", "b", "--rl", "r", "--ref", "f"]))
+    assert cfg.pairs == (("r", "f", 1.0),)

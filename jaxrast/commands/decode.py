@@ -71,10 +71,10 @@ def config_from_args(args: argparse.Namespace):
     if args.rl or args.ref:
         if not (args.rl and args.ref):
             raise ValueError("--rl and --ref go together (and optionally --lam).")
+        pairs.append((args.rl, args.ref, args.lam if args.lam is not None else 1.0))
     elif args.lam is not None:
         raise ValueError("--lam weights the pair given by --rl/--ref; with --pair or pairs from the config, "
                          "give each weight as LAM in --pair RL REF LAM (or in the YAML's pairs).")
-        pairs.append((args.rl, args.ref, args.lam if args.lam is not None else 1.0))
     if pairs:
         base["pairs"] = tuple((rl, ref, float(lam)) for rl, ref, lam in pairs)
     if args.stop:
