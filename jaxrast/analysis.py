@@ -168,7 +168,7 @@ class TeacherForcer:
             if m.cfg.vocab_size < vocab:
                 raise ValueError(f"a model has {m.cfg.vocab_size} vocab rows but the tokenizer has {vocab} tokens; "
                                  "the models do not share the tokenizer.")
-        self.batch_size, self.pad_id = batch_size, pad_id
+        self.batch_size, self.pad_id, self.vocab = batch_size, pad_id, vocab
         self._graphdefs = tuple(nnx.graphdef(m) for m in self.models)
         self._apply = jax.jit(self._apply_impl, static_argnames=("stats",))
 
@@ -191,6 +191,11 @@ class TeacherForcer:
         """`stats(logits [b, t, V_i] per model, targets [b, t], steps [b, t]) -> {name: [b, t, ...]}`
         (a hashable callable: it is a static jit argument). Returns, per trajectory, each
         statistic at the trajectory's own positions: name -> [num_tokens, ...]."""
+        for t in trajs:  # an id past the vocabulary gathers NaN logits: wrong numbers, no error
+            bad = [i for i in (*t.prompt_ids, *t.token_ids) if not 0 <= i < self.vocab]
+            if bad:
+                raise ValueError(f"trajectory {t.id} (sample {t.sample}) holds token id {bad[0]}, outside the "
+                                 f"vocabulary of {self.vocab} tokens: it was decoded with another tokenizer.")
         states = tuple(nnx.state(m) for m in self.models)
         order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].prompt_ids) + len(trajs[i].token_ids))
         size = max(1, min(self.batch_size, len(trajs)))

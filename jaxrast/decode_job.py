@@ -157,14 +157,15 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
     from jaxrast.checkpoints import as_dtype
     from jaxrast.data import canonical_name, list_benchmarks, load_rows
     from jaxrast.decoding import RAST, SamplingParams
-    from jaxrast.distributed import is_main, process_count
+    from jaxrast.distributed import is_main, on_every_process, process_count
     from jaxrast.prompts import get_template, render
     from jaxrast.sharding import parse_mesh
 
     mode = cfg.resolved_mode()
     template = get_template(cfg.prompt_template)
     is_benchmark = cfg.fields is None and cfg.dataset.lower() in {*list_benchmarks(), "minerva_math", "olympiad", "math"}
-    rows = load_rows(cfg.dataset, cfg.fields, require_answer=False)[: cfg.limit]
+    rows = on_every_process(lambda: load_rows(cfg.dataset, cfg.fields, require_answer=False), "reading the dataset")
+    rows = rows[: cfg.limit]
     benchmark = canonical_name(cfg.dataset) if is_benchmark else None
     lams = [float(p[2]) for p in cfg.pairs] if mode == "rast" else []
     # checked before any model is loaded
@@ -186,7 +187,7 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
     dtype = ("float32" if jax.default_backend() == "cpu" else "bfloat16") if cfg.dtype == "auto" else cfg.dtype
     # Several processes without a mesh would each decode everything on one device: use them all.
     mesh = parse_mesh(cfg.mesh or ("1,-1,1" if process_count() > 1 else None))
-    model, pairs, tok = _load_models(cfg, mode, mesh, as_dtype(dtype))
+    model, pairs, tok = on_every_process(lambda: _load_models(cfg, mode, mesh, as_dtype(dtype)), "loading the models")
     if tok is None:
         raise ValueError("the checkpoint has no tokenizer files; decoding text needs one.")
     engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,

@@ -28,7 +28,7 @@ import argparse
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -199,6 +199,21 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return bool(flag)
     return bool(np.any(multihost_utils.process_allgather(np.array(bool(flag)))))
+
+
+def on_every_process(fn: Callable[[], Any], what: str) -> Any:
+    """`fn()` on every process; if it fails on any, it fails on all. A user error seen by
+    one process (a path that exists only on another host, a bad file) must stop the others
+    too, instead of leaving them waiting in the next collective until the runtime's timeout."""
+    try:
+        result, error = fn(), None
+    except Exception as err:  # noqa: BLE001 - re-raised below, after the others heard of it
+        result, error = None, err
+    if any_process(error is not None):
+        if error is not None:
+            raise error
+        raise ValueError(f"{what} failed on another process (its error is in its own output); stopping here too.")
+    return result
 
 
 def broadcast_json(value: Any) -> Any:

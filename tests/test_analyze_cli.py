@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,26 @@ def test_errors_name_the_problem(paths, tmp_path, capsys):
     assert main(["analyze", "trace", "--traj", paths["traj"], "--rows", "zz", "--base", rl,
                  "--out", str(tmp_path / "t.jsonl")]) == 2
     assert "matches --rows zz" in capsys.readouterr().err
+    rows = load(paths["traj"])
+    rows[1]["token_ids"][0] = 10_000  # decoded with another tokenizer
+    oov = tmp_path / "oov.jsonl"
+    oov.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["analyze", "coverage", "--traj", str(oov), "--model", rl, "--out", str(tmp_path)]) == 2
+    assert "token id 10000, outside the vocabulary" in capsys.readouterr().err
+
+
+def test_checkpoint_without_tokenizer_files_analyses_token_ids(paths, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((Path(paths["rl"]) / name).read_bytes())
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        assert main(["analyze", "coverage", "--traj", paths["traj"], "--model", str(bare),
+                     "--out", str(tmp_path / "cov")]) == 0
+    with_tok = tmp_path / "with_tok"
+    assert main(["analyze", "coverage", "--traj", paths["traj"], "--model", paths["rl"], "--out", str(with_tok)]) == 0
+    bare_report, tok_report = (load(str(d / "coverage.json")) for d in (tmp_path / "cov", with_tok))
+    assert bare_report["positions"] == tok_report["positions"] > 0
+    # S_RL covers its own greedy tokens; without a tokenizer the padded rows compete too
+    assert [m["coverage"] for m in tok_report["models"].values()] == [1.0]
+    assert all(0 <= m["coverage"] <= 1 for m in bare_report["models"].values())

@@ -5,6 +5,7 @@ helpers of `jaxrast.distributed` are pass-throughs in one process; bad setups ar
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,7 +74,7 @@ def free_port() -> int:
 
 
 def run_processes(args: list[str], n: int = 2, devices: int = 4, via_env: bool = False,
-                  status: int = 0) -> list[tuple[str, str]]:
+                  status: int = 0, env_of: dict[int, dict[str, str]] | None = None) -> list[tuple[str, str]]:
     """Runs `jaxrast ARGS` as n local processes of `devices` CPU devices each, expecting exit
     `status` from each; returns their (stdout, stderr). Coordinates by flags, or by the JAX_*
     variables with via_env. On timeout every process group is killed, so a deadlock fails
@@ -84,7 +85,7 @@ def run_processes(args: list[str], n: int = 2, devices: int = 4, via_env: bool =
     procs = []
     for i in range(n):
         setup = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)]
-        env_i = dict(env)
+        env_i = dict(env, **(env_of or {}).get(i, {}))
         if via_env:
             env_i.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
             setup = []
@@ -167,6 +168,20 @@ def test_an_error_on_process_0_reaches_every_process(setup, tmp_path):
     out.write_text(json.dumps({"id": "q0", "sample": 0, "seed": 5}) + "\n")
     for _, err in run_processes(decode_args(setup, out), status=2):
         assert "already holds rows of another run" in err
+
+
+def test_a_user_error_on_one_process_stops_the_others(setup, tmp_path):
+    """The base exists only in process 0's home: process 1's clean error must reach process 0
+    at once, not after the runtime's 5-minute barrier timeout."""
+    for i in (0, 1):
+        (tmp_path / f"home{i}").mkdir()
+    shutil.copytree(setup["base"], tmp_path / "home0" / "base")
+    args = decode_args(setup, tmp_path / "out.jsonl")
+    args[args.index(setup["base"])] = "~/base"
+    t0 = time.time()
+    outputs = run_processes(args, status=2, env_of={i: {"HOME": str(tmp_path / f"home{i}")} for i in (0, 1)})
+    assert time.time() - t0 < 120
+    assert "does not exist" in outputs[1][1] and "failed on another process" in outputs[0][1]
 
 
 # ---- the helpers in one process ---------------------------------------------------------------

@@ -113,6 +113,14 @@ class _Models:
             self.cache[path] = model
         return self.cache[path]
 
+    @property
+    def vocab(self) -> int:
+        """The real vocabulary: the tokenizer's, else (a checkpoint without tokenizer files,
+        trajectories with token ids) the smallest model's rows."""
+        if self.tokenizer is not None:
+            return len(self.tokenizer)
+        return min(m.cfg.vocab_size for m in self.cache.values())
+
 
 def _pairs(args, load):
     from jaxrast.decoding import Pair
@@ -168,7 +176,7 @@ def _coverage(args, load, common, config) -> list[str]:
     if not models and base is None:
         raise ValueError("nothing to measure: give --model PATH and/or --base PATH --pair RL REF LAM.")
     trajs = _trajectories(args, load.tokenizer)
-    per_pos = analysis.coverage_positions(trajs, models, vocab=len(load.tokenizer), base=base, pairs=pairs,
+    per_pos = analysis.coverage_positions(trajs, models, vocab=load.vocab, base=base, pairs=pairs,
                                           lam_schedule=args.lam_schedule, **common)
     report = rep.coverage_report(trajs, per_pos, load.tokenizer, ks=args.k, top_n=args.top_n)
     for name, m in report["models"].items():
@@ -187,7 +195,7 @@ def _kl(args, load, common, config) -> list[str]:
     pairs, base, models = _pairs(args, load), load(args.base), _models(args, load)
     pair_names = _unique([f"{_named(rl)[0]} vs {_named(ref)[0]}" for rl, ref, _ in args.pair])
     trajs = _trajectories(args, load.tokenizer)
-    per_pos = analysis.kl_positions(trajs, base, pairs, vocab=len(load.tokenizer), models=models,
+    per_pos = analysis.kl_positions(trajs, base, pairs, vocab=load.vocab, models=models,
                                     pair_names=pair_names, lam_schedule=args.lam_schedule, **common)
     report = rep.kl_report(trajs, per_pos, load.tokenizer, top_fraction=args.top_fraction, top_n=args.top_n,
                            min_occurrences=args.min_occurrences)
@@ -217,7 +225,7 @@ def _similarity(args, load, common, config) -> list[str]:
     names = _unique([_named(p[0])[0] for p in args.pair])
     pairs = {n: (load(p[0]), load(p[1])) for n, p in zip(names, args.pair)}
     trajs = _trajectories(args, load.tokenizer)
-    report = rep.similarity_report(trajs, analysis.similarity_positions(trajs, pairs, vocab=len(load.tokenizer),
+    report = rep.similarity_report(trajs, analysis.similarity_positions(trajs, pairs, vocab=load.vocab,
                                                                         **common))
     for name, c in report["comparisons"].items():
         print(f"{name}: mean cosine {_fmt(c['full']['mean'])} (full rows), {_fmt(c['shared']['mean'])} (shared vocab)")
@@ -239,7 +247,7 @@ def _trace(args, load, common, config) -> list[str]:
     trajs = [t for t in _trajectories(args, load.tokenizer) if selected(t.id, t.sample)]
     if not trajs:
         raise ValueError(f"no trajectory of {args.traj} matches --rows {' '.join(args.rows)} (ID or ID:SAMPLE).")
-    return [rep.write_trace(args.out, trajs, base, pairs, load.tokenizer, vocab=len(load.tokenizer),
+    return [rep.write_trace(args.out, trajs, base, pairs, load.tokenizer, vocab=load.vocab,
                             top_k=args.top_k, lam_schedule=args.lam_schedule, **common)]
 
 

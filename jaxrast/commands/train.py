@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxrast.checkpoints import load_model
     from jaxrast.config_io import load_config
     from jaxrast.data import load_rows
-    from jaxrast.distributed import is_main, maybe_initialize
+    from jaxrast.distributed import is_main, maybe_initialize, on_every_process
     from jaxrast.grpo.config import GRPOConfig
     from jaxrast.grpo.trainer import build_mesh, train
 
@@ -46,12 +46,18 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.data.source:
         raise ValueError("data.source is empty; set a benchmark name, JSONL file or datasets name "
                          "(--set data.source=PATH).")
-    rows = load_rows(cfg.data.source, cfg.data.fields or None, split=cfg.data.split)
+    rows = on_every_process(lambda: load_rows(cfg.data.source, cfg.data.fields or None, split=cfg.data.split),
+                            "reading the data")
     mesh = build_mesh(cfg.mesh)
     load = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=mesh, remat=cfg.model.remat)
-    policy, _, tokenizer = load_model(cfg.model.path, **load)
-    # Without ref_path the trainer copies the initial policy: no second load.
-    ref = load_model(cfg.model.ref_path, **load)[0] if cfg.loss.beta > 0 and cfg.model.ref_path else None
+
+    def load_models():
+        policy, _, tokenizer = load_model(cfg.model.path, **load)
+        # Without ref_path the trainer copies the initial policy: no second load.
+        ref = load_model(cfg.model.ref_path, **load)[0] if cfg.loss.beta > 0 and cfg.model.ref_path else None
+        return policy, tokenizer, ref
+
+    policy, tokenizer, ref = on_every_process(load_models, "loading the models")
     history = train(cfg, policy=policy, tokenizer=tokenizer, rows=rows, ref=ref, mesh=mesh, resume=args.resume)
     if history and is_main():
         last = history[-1]
