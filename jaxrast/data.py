@@ -213,7 +213,11 @@ def normalise_rows(rows: Iterable[Mapping[str, Any]], fields: FieldMap, *, sourc
             row["solution"] = raw[fields.answer]  # the worked solution the answer came from
         row.update(id=row_id, question=str(raw[fields.question]))
         if fields.answer in raw:
-            row["answer"] = read_answer(raw[fields.answer])
+            try:
+                row["answer"] = _checked_gold(read_answer, raw[fields.answer])
+            except ValueError as err:
+                if require_answer:  # grading needs it; decoding a malformed row does not
+                    raise ValueError(f"{source}: row {index} (id {row_id!r}): {err}; fix or drop the row") from None
         out.append(row)
     return out
 
@@ -229,7 +233,19 @@ def _as_field_map(fields: FieldMap | Mapping[str, str] | None) -> FieldMap:
     return FieldMap(**fields)
 
 
-def _plain_answer(value: Any) -> str:
+def _checked_gold(read: Callable[[Any], Gold], value: Any) -> Gold:
+    """The gold read from `value`, refusing a null or empty one (\\boxed{None} would match
+    "None"; anything would miss "")."""
+    gold = None if value is None else read(value)
+    golds = [gold] if isinstance(gold, str) else list(gold or [])
+    if gold is None or not golds or any(not g.strip() for g in golds):
+        raise ValueError(f"empty or null gold answer {value!r}")
+    return gold
+
+
+def _plain_answer(value: Any) -> Gold:
+    if isinstance(value, (list, tuple)):  # a list in a plain field: acceptable answers, not "['1', '2']"
+        return _list_answer(value)
     # AMC23 stores answers as JSON floats (27.0); "27" is what a model writes.
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -252,7 +268,7 @@ def _boxed_answer(value: Any) -> str:
 
 def _list_answer(value: Any) -> list[str]:
     values = value if isinstance(value, (list, tuple)) else [value]
-    return [_plain_answer(v) for v in values]
+    return [str(_plain_answer(v)) for v in values]
 
 
 _ANSWER_READERS: dict[str, Callable[[Any], Gold]] = {

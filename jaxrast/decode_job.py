@@ -62,6 +62,18 @@ def row_uid(row_id: str) -> int:
     return zlib.crc32(str(row_id).encode()) & 0x7FFFFFFF
 
 
+def check_encodable(tokenizer, prompts: list[str]) -> None:
+    """Refuses prompts with characters the tokenizer drops (a closed character vocabulary such
+    as the toy family's): the models would silently see other text than the prompt."""
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        lost = {c for c in set(prompt) - set(tokenizer.decode(ids)) if not c.isspace()}
+        if lost:
+            raise ValueError(f"the tokenizer cannot encode {''.join(sorted(lost))!r} of the prompt {prompt[:60]!r}; "
+                             "use a prompt template and data within its vocabulary (the toy family's "
+                             "template is '{question}').")
+
+
 def read_finished(path: str, run: dict[str, Any]) -> set[tuple[str, int]]:
     """(id, sample) pairs already in `path`. A torn last line (a crash mid-write) is cut off
     so the file stays valid JSONL; rows from a different run configuration are an error."""
@@ -193,6 +205,7 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
     engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
                   batch_size=cfg.batch_size, cache_segments=cfg.cache_segments, workers=cfg.workers)
     prompts = [render(template, r) for r in todo]
+    check_encodable(tok, prompts)
     traced = None
     if cfg.trace_rows:
         from jaxrast.analysis import Trajectory, parse_row_selector

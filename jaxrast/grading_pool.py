@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -117,14 +118,19 @@ class GraderPool:
     Each item gets `timeout` seconds of SIGALRM deadline inside its worker, and the
     parent kills a worker still busy `grace` seconds after that (a sympy computation
     stuck in C ignores signals) and starts a fresh one. `processes=0` judges in this
-    process (signal deadline only). Use as a context manager or call `close()`.
+    process (signal deadline only). Use as a context manager or call `close()`. Calls from
+    several threads take turns (the workers serve one batch at a time).
     """
 
     def __init__(self, processes: int | None = None, *, timeout: float = DEFAULT_TIMEOUT, grace: float = 2.0):
         self.processes = _cpu_count() if processes is None else processes
+        if self.processes < 0 or not timeout > 0 or grace < 0:
+            raise ValueError(f"GraderPool needs processes >= 0 (0: grade in this process), timeout > 0 and "
+                             f"grace >= 0; got processes={processes}, timeout={timeout}, grace={grace}.")
         self.timeout = timeout
         self.grace = grace
         self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
 
     def __enter__(self) -> GraderPool:
         return self
@@ -134,9 +140,10 @@ class GraderPool:
 
     def close(self) -> None:
         """Stop the workers (a later call starts new ones)."""
-        for worker in self._workers:
-            worker.stop(kill=worker.task is not None)
-        self._workers = []
+        with self._lock:
+            for worker in self._workers:
+                worker.stop(kill=worker.task is not None)
+            self._workers = []
 
     def judge_many(
         self, answers: Sequence[str | None], golds: Sequence[Gold], *, progress: bool = False
@@ -159,13 +166,19 @@ class GraderPool:
                     todo.append(i)
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(todo), disable=not progress, desc="grading", unit="answer") as bar:
+        with self._lock, tqdm(total=len(todo), disable=not progress, desc="grading", unit="answer") as bar:
             if self.processes == 0:
                 for i in todo:
                     results[i] = judge(answers[i], golds[i], timeout=self.timeout)
                     bar.update()
-            else:
-                self._run_workers(answers, golds, todo, results, bar)
+            elif todo:
+                try:
+                    self._run_workers(answers, golds, todo, results, bar)
+                except BaseException:  # Ctrl-C mid-batch: a busy worker's late reply must not
+                    for slot, worker in enumerate(self._workers):  # reach the next batch
+                        if worker.task is not None:
+                            self._replace(slot)
+                    raise
         for i, j in copies:
             results[i] = results[j]
         return results  # type: ignore[return-value]
@@ -187,6 +200,8 @@ class GraderPool:
                         continue
                     worker.task = (i, time.monotonic() + self.timeout + self.grace)
             busy = [w for w in self._workers if w.task]
+            if not busy:  # every idle worker had died and was just replaced: send again
+                continue
             soonest = min(w.task[1] for w in busy)  # type: ignore[index]
             ready = wait([w.process.stdout for w in busy], timeout=max(0.0, soonest - time.monotonic()))
             for slot, worker in enumerate(self._workers):
@@ -229,14 +244,16 @@ class GraderPool:
 
 
 _SHARED: GraderPool | None = None
+_SHARED_LOCK = threading.Lock()
 
 
 def shared_pool() -> GraderPool:
     """A process-wide pool with default settings, started on first use, closed at exit."""
     global _SHARED
-    if _SHARED is None:
-        _SHARED = GraderPool()
-        atexit.register(_SHARED.close)
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = GraderPool()
+            atexit.register(_SHARED.close)
     return _SHARED
 
 

@@ -7,6 +7,7 @@ A template is a Python `str.format` string over a normalised row's fields
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,12 @@ def get_template(name_or_text: str) -> str:
     """
     if name_or_text in TEMPLATES:
         return TEMPLATES[name_or_text]
-    if "{" in name_or_text:
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(name_or_text) if field]
+    except ValueError as err:
+        raise ValueError(f"prompt template {name_or_text!r} is not a format string ({err}); write literal "
+                         "braces doubled, e.g. '\\boxed{{}}'.") from None
+    if fields:  # "\\boxed{{}}" alone has braces but no field: every prompt would be the same
         return name_or_text
     raise ValueError(
         f"unknown prompt template {name_or_text!r}: use one of {sorted(TEMPLATES)} "

@@ -97,6 +97,15 @@ def test_load_rows_errors_name_the_problem(tmp_path):
     dup.write_text('{"id": 1, "question": "q", "answer": "1"}\n' * 2)
     with pytest.raises(ValueError, match="duplicate id"):
         load_rows(dup, {})
+    for answer in ("null", '""', '"  "', "[]", '["1", ""]'):  # \boxed{None} must not match a null gold
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text(f'{{"id": 1, "question": "q", "answer": {answer}}}\n')
+        with pytest.raises(ValueError, match=r"row 0 \(id '1'\): empty or null gold"):
+            load_rows(empty, {})
+        assert "answer" not in load_rows(empty, {}, require_answer=False)[0]  # decoding needs no gold
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text('{"id": 1, "question": "q", "answer": ["1", 2.0]}\n')
+    assert load_rows(listed, {})[0]["answer"] == ["1", "2"]  # acceptable answers, not "['1', 2.0]"
 
 
 def test_templates_render():
@@ -115,3 +124,7 @@ def test_template_errors():
         get_template("nonexistent")
     with pytest.raises(ValueError, match="literal braces"):
         render(r"\boxed{} {question}", {"question": "q"})
+    with pytest.raises(ValueError, match="unknown prompt template"):
+        get_template(r"\boxed{{}}")  # braces but no field: every prompt would be the same text
+    with pytest.raises(ValueError, match="not a format string"):
+        get_template("Q {question} }")

@@ -102,6 +102,8 @@ def test_mismatched_rerun_and_bad_input_errors(paths, tmp_path, capsys):
         assert main(decode_args(paths, out, "--limit", "2", *changed)) == 2  # no rows of other settings mixed in
         assert diff in capsys.readouterr().err
     assert len(read_rows(out)) == 2
+    assert main(decode_args(paths, tmp_path / "t.jsonl", "--prompt-template", "paper")) == 2
+    assert "the tokenizer cannot encode" in capsys.readouterr().err  # a character vocabulary lacks 'Q', "'"
     assert main(decode_args(paths, tmp_path / "s.jsonl", "--seed", str(2**31))) == 2
     assert "seed must be in [0, 2**31)" in capsys.readouterr().err
     assert main(["decode", "--base", paths["base"], "--lam", "0.3", "--out", str(tmp_path / "l.jsonl")]) == 2

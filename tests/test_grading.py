@@ -244,6 +244,39 @@ def test_worker_start_up_does_not_count_against_the_first_deadline():
         assert pool.is_correct_many([r"\boxed{1}", r"\boxed{2}"], ["1", "3"]) == [True, False]
 
 
+def test_pool_survives_a_dead_idle_worker_an_interrupt_and_two_threads(monkeypatch):
+    from jaxrast import grading_pool
+
+    with GraderPool(1, timeout=2.0) as pool:
+        assert pool.is_correct_many([r"\boxed{1}"], ["1"]) == [True]
+        pool._workers[0].process.kill()  # died while idle (OOM killer): replaced, not a crash
+        pool._workers[0].process.wait()
+        assert pool.is_correct_many([r"\boxed{2}"], ["2"]) == [True]
+        # Ctrl-C while a worker is busy: its late reply must not land in the next batch
+        real = grading_pool._Worker.receive
+        def interrupted(self):
+            monkeypatch.setattr(grading_pool._Worker, "receive", real)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(grading_pool._Worker, "receive", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            pool.judge_many(["7"], ["7"])
+        assert [j.correct for j in pool.judge_many(["3", "4"], ["5", "4"])] == [False, True]
+        # two threads share the pool: each gets its own verdicts
+        out = {}
+        def grade(name, golds):
+            out[name] = [j.correct for j in pool.judge_many([str(i) for i in range(12)], golds)]
+        threads = [threading.Thread(target=grade, args=("right", [str(i) for i in range(12)])),
+                   threading.Thread(target=grade, args=("wrong", [str(i + 1) for i in range(12)]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert out == {"right": [True] * 12, "wrong": [False] * 12}
+    for bad in (dict(processes=-1), dict(processes=1, timeout=-3)):
+        with pytest.raises(ValueError, match="GraderPool needs"):
+            GraderPool(**bad)
+
+
 def test_pool_in_process_mode_and_dedup():
     with GraderPool(0) as pool:
         verdicts = pool.grade_many([r"\boxed{2}"] * 3 + ["nothing"], ["2", "2", "3", "1"])

@@ -32,8 +32,11 @@ def run(args: argparse.Namespace) -> int:
             setattr(cfg, field, getattr(args, field))
     if args.sweep:
         cfg.sweep = tuple(args.sweep)
-    if cfg.k < 1 or cfg.problems < 1:
-        raise ValueError("--k and --problems must be >= 1.")
+    if cfg.k < 1 or cfg.problems < 1 or cfg.sweep_problems < 1:
+        raise ValueError("--k, --problems and --sweep-problems must be >= 1.")
+    if cfg.sweep_problems > cfg.problems:
+        raise ValueError(f"--sweep-problems ({cfg.sweep_problems}) cannot exceed --problems ({cfg.problems}): "
+                         "the sweep runs on the first held-out problems.")
     print(f"jaxrast demo: {cfg.problems} held-out toy problems × {cfg.k} samples, τ={cfg.temperature}, "
           f"top-p={cfg.top_p}")
     result = run_demo(cfg, progress=not args.no_progress)
