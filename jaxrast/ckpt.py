@@ -86,10 +86,10 @@ class Checkpointer:
         `CheckpointMismatchError` when the step holds other arrays than `target`, and
         `CorruptCheckpointError` (or the reader's error) when its files are damaged."""
         flat_target = _flat(target)
-        self._check_layout(step, self._read_meta(step), flat_target)
-        out = self._manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(flat_target), META: ocp.args.JsonRestore()}))
-        flat, meta = dict(out[STATE]), dict(out[META])
+        meta = self._read_meta(step)  # the small JSON item first: a config mismatch reads no arrays
+        self._check_layout(step, meta, flat_target)
+        out = self._manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(flat_target)}))
+        flat = dict(out[STATE])
         if set(flat) != set(flat_target):
             raise CorruptCheckpointError(f"step {step} holds {len(flat)} arrays where its metadata lists "
                                          f"{len(flat_target)}.")
@@ -116,7 +116,7 @@ class Checkpointer:
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory} holds other arrays than this run builds "
                 f"({len(differ)} differ, e.g. {detail}). The model or optimiser config changed (e.g. "
-                "max_grad_norm, param dtype, LoRA/model size): resume with the config the run was started "
+                "max_grad_norm, param dtype, model size): resume with the config the run was started "
                 "with, or train into a new output_dir. Nothing was deleted.")
 
     def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
