@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrast.metrics import pass_at_k, recovery_rate
+from jaxrast.metrics import default_ks, pass_at_k, recovery_rate
 from jaxrast.toy.task import ChainTask
 
 FAMILY = ("s_base", "s_rl", "m_base", "m_rl")
@@ -92,7 +92,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> dict[str, Any
     (s_base, tok), (s_rl, _), (m_base, _), (m_rl, _) = (family[n] for n in FAMILY)
     rows = task.rows(cfg.problems, cfg.data_seed, id_prefix="heldout")
     prompts = [r["question"] for r in rows]
-    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= cfg.k]
+    ks = default_ks(cfg.k)  # powers of two and k itself: pass@k is always shown
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                             n=cfg.k, seed=cfg.seed)
     systems = {
