@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.struct
@@ -288,6 +289,12 @@ class RAST:
         # Read the parameters afresh on every call: a trainer updates the models in place.
         states = tuple(nnx.state(m) for m in self.models)
         encoded = self._encode(prompts)
+        longest = max((len(e) for e in encoded), default=0) + params.max_new_tokens
+        limit = min(m.cfg.max_position_embeddings for m in self.models)
+        if longest > limit:  # RoPE still runs past it, but the models were never trained there
+            warnings.warn(f"the longest prompt plus max_new_tokens is {longest} tokens, beyond a model's "
+                          f"max_position_embeddings ({limit}); expect degraded text past that position.",
+                          stacklevel=2)
         row_ids = list(range(len(encoded))) if row_ids is None else [int(r) for r in row_ids]
         rows = sorted(((i, s) for i in range(len(encoded)) for s in range(params.n)),
                       key=lambda r: len(encoded[r[0]]))

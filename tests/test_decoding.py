@@ -149,6 +149,15 @@ def test_token_ids_without_a_tokenizer_or_stop_ids(trio):
         SamplingParams(seed=2**31)
 
 
+def test_prompts_past_the_position_limit_warn():
+    from jaxrast.toy.demo import family_dir
+
+    model, cfg, tok = load_model(family_dir() + "/s_base")
+    eng = RAST(model, tokenizer=tok, batch_size=1, workers=1)
+    with pytest.warns(UserWarning, match="beyond a model's max_position_embeddings"):
+        eng.generate([[5] * cfg.max_position_embeddings], SamplingParams(temperature=0, max_new_tokens=2))
+
+
 def test_sampling_frequencies_match_top_p_softmax(trio):
     base, rl, ref, tok = trio
     lam, tau, top_p, draws = 0.7, 0.8, 0.9, 4000
