@@ -233,6 +233,12 @@ def _as_field_map(fields: FieldMap | Mapping[str, str] | None) -> FieldMap:
     return FieldMap(**fields)
 
 
+def gold_answer(value: Any) -> Gold:
+    """A gold answer as the grader takes it: text, or a list of acceptable texts (27.0 ->
+    "27", 42 -> "42"); ValueError when null or empty."""
+    return _checked_gold(_plain_answer, value)
+
+
 def _checked_gold(read: Callable[[Any], Gold], value: Any) -> Gold:
     """The gold read from `value`, refusing a null or empty one (\\boxed{None} would match
     "None"; anything would miss "")."""

@@ -144,6 +144,10 @@ def test_rewards_weighted_sum_with_row_columns():
     rewards = as_rewards([Reward("math", math_reward, 1.0), (length, 0.5)])
     rows = [{"id": "1", "answer": "4", "level": 2}, {"id": "2", "answer": "5"}]
     total, parts = compute_rewards(rewards, ["q", "q"], ["so \\boxed{4}", "the answer is 6"], rows)
+    assert math_reward(["q"] * 3, ["\\boxed{42}", "\\boxed{27}", "\\boxed{3}"], answer=[42, 27.0, ["2", "3"]]) \
+        == [1.0, 1.0, 1.0]  # numeric golds (a Python API caller's rows) and lists of golds
+    with pytest.raises(ValueError, match="no answer for completion 1"):
+        math_reward(["q", "q"], ["1", "2"], answer=["1", None])
     math_reward.close()
     assert parts["math"].tolist() == [1.0, 0.0]
     np.testing.assert_allclose(total, [1.0 + 0.5 * 12, 0.5 * 15])

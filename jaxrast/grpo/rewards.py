@@ -56,14 +56,14 @@ class MathReward:
 
 
 def _gold(answer: Any, index: int) -> str | list[str]:
-    """A row's gold answer as the grader takes it: a string, or a list of acceptable strings
-    (numbers such as 42 or 0.5 become their text)."""
-    if isinstance(answer, (list, tuple)) and answer:
-        return [str(a) for a in answer]
-    if answer is None or isinstance(answer, (list, tuple)) or str(answer).strip() == "":
+    """A row's gold answer as the grader takes it (`jaxrast.data.gold_answer`)."""
+    from jaxrast.data import gold_answer
+
+    try:
+        return gold_answer(answer)
+    except ValueError:
         raise ValueError(f"the math reward got no answer for completion {index} ({answer!r}); every data row "
-                         "needs a gold answer (drop or fix such rows, or use another reward).")
-    return str(answer)
+                         "needs a gold answer (drop or fix such rows, or use another reward).") from None
 
 
 def load_callable(spec: str) -> RewardFn:
