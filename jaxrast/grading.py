@@ -85,7 +85,11 @@ for _name in ("math_verify", "math_verify.grader", "math_verify.parser", "math_v
 
 @contextmanager
 def deadline(seconds: float | None) -> Iterator[None]:
-    """Raise `GradingTimeout` in the block after `seconds` (main thread, POSIX only)."""
+    """Raise `GradingTimeout` in the block after `seconds` (main thread, POSIX only).
+
+    The alarm repeats every 50 ms until the block ends: a raise that lands in a weakref
+    callback or `__del__` is swallowed by Python ("Exception ignored in ..."), and a single
+    alarm would then let the block run on without a deadline."""
     usable = (
         seconds is not None
         and seconds > 0
@@ -100,11 +104,16 @@ def deadline(seconds: float | None) -> Iterator[None]:
         raise GradingTimeout
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        while True:  # an alarm already pending may still raise here: disarm until it sticks
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                break
+            except GradingTimeout:
+                continue
         signal.signal(signal.SIGALRM, previous)
 
 

@@ -184,6 +184,24 @@ def test_model_text_is_never_executed(tmp_path):
     assert not marker.exists()
 
 
+def test_deadline_survives_a_swallowed_alarm():
+    """Python swallows an exception raised in a weakref callback or __del__; the deadline must
+    fire again rather than let the block run on without one."""
+    from jaxrast.grading import GradingTimeout, deadline
+
+    swallowed = 0
+    with pytest.raises(GradingTimeout):
+        with deadline(0.05):
+            for _ in range(100):  # 1 s at most
+                try:
+                    time.sleep(0.01)
+                except GradingTimeout:
+                    swallowed += 1
+                    if swallowed > 1:
+                        raise
+    assert swallowed == 2
+
+
 def test_judge_works_off_the_main_thread():
     out = []
     thread = threading.Thread(target=lambda: out.append(judge("0.5", r"\frac12").correct))
