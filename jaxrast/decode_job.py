@@ -62,16 +62,18 @@ def row_uid(row_id: str) -> int:
     return zlib.crc32(str(row_id).encode()) & 0x7FFFFFFF
 
 
-def check_encodable(tokenizer, prompts: list[str]) -> None:
-    """Refuses prompts with characters the tokenizer drops (a closed character vocabulary such
-    as the toy family's): the models would silently see other text than the prompt."""
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, as RAST would encode its text. Refuses prompts with
+    characters the tokenizer drops (a closed character vocabulary such as the toy family's):
+    the models would silently see other text than the prompt."""
+    encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    for prompt, ids in zip(prompts, encoded):
         lost = {c for c in set(prompt) - set(tokenizer.decode(ids)) if not c.isspace()}
         if lost:
             raise ValueError(f"the tokenizer cannot encode {''.join(sorted(lost))!r} of the prompt {prompt[:60]!r}; "
                              "use a prompt template and data within its vocabulary (the toy family's "
                              "template is '{question}').")
+    return encoded
 
 
 def read_finished(path: str, run: dict[str, Any]) -> set[tuple[str, int]]:
@@ -205,7 +207,7 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
     engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
                   batch_size=cfg.batch_size, cache_segments=cfg.cache_segments, workers=cfg.workers)
     prompts = [render(template, r) for r in todo]
-    check_encodable(tok, prompts)
+    prompt_ids = encode_prompts(tok, prompts)  # once: decoding and --save-token-ids share them
     traced = None
     if cfg.trace_rows:
         from jaxrast.analysis import Trajectory, parse_row_selector
@@ -214,7 +216,7 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
     if main:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with open(cfg.out, "a", encoding="utf-8") if main else contextlib.nullcontext() as out:
-        for batch in engine.generate_iter(prompts, params, row_ids=[row_uid(r["id"]) for r in todo],
+        for batch in engine.generate_iter(prompt_ids, params, row_ids=[row_uid(r["id"]) for r in todo],
                                           progress=progress if main else False):
             lines = []
             for c in batch:
@@ -223,12 +225,10 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None) -> dict[str, Any
                     continue  # written before a crash; the new sample is identical
                 record = {"id": row["id"], "benchmark": benchmark, "prompt": prompts[c.index], "sample": c.sample,
                           "completion": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason, **run}
-                if cfg.save_token_ids or traced is not None:
-                    prompt_ids = tok(prompts[c.index], add_special_tokens=False)["input_ids"]  # as RAST encodes it
                 if cfg.save_token_ids:
-                    record.update(prompt_ids=prompt_ids, token_ids=c.token_ids)
+                    record.update(prompt_ids=prompt_ids[c.index], token_ids=c.token_ids)
                 if traced is not None and traced(row["id"], c.sample):
-                    to_trace.append(Trajectory(prompt_ids, c.token_ids, row["id"], c.sample))
+                    to_trace.append(Trajectory(prompt_ids[c.index], c.token_ids, row["id"], c.sample))
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
                 summary["tokens"] += c.num_tokens
             if out is not None:
