@@ -1,14 +1,26 @@
-"""Decoding throughput: jaxrast RAST vs a HuggingFace transformers PyTorch loop doing the
-same three-model logit arithmetic, on the same checkpoints, prompts and lengths, in the
-seed repo's (ozyyshr/RAST) two HF styles: a KV-cached loop (its decoder, modeling/dexperts.py,
-the peer that matters) and an uncached one (analysis/greedy_delta.py re-runs the whole
-prefix through all three models every step). Also jaxrast base-only and the per-step
-cost of fusion.
+"""Decoding throughput, two workloads, every peer run in the same script.
 
-    python benchmarks/decode.py                     # random ~10M base + ~1M pair, built here
-    python benchmarks/decode.py --base B --rl R --ref F   # any three HF checkpoints
+long-tail (default): 256 requests whose budgets are drawn from a log-normal (σ = 1; median
+64 and cap 1024 on random ~10M / ~1M checkpoints built here, median 48 and cap 224 on the
+shipped toy family with `--family`), stop ids disabled so every row runs to its budget, 16
+slots: the continuous-batching engine vs the static path at the same batch size (batches in
+arrival order, each run to its longest budget), for RAST and the base alone, and
+transformers' continuous batching (`generate_batch`'s manager, base model only, 16 requests
+per batch) on the same checkpoint, prompts and budgets. Prints useful tokens/s (the sum of
+the budgets over the wall time), ratios and slot occupancy.
 
-Prints tokens/s and the ratios (not a timed test: numbers depend on the machine).
+uniform: every row runs to the same length (batch 1 and 16): the engine and the static path
+against a HuggingFace transformers PyTorch loop doing the same three-model logit arithmetic,
+in the seed repo's (ozyyshr/RAST) two HF styles: a KV-cached loop (its decoder,
+modeling/dexperts.py, the peer that matters) and an uncached one (analysis/greedy_delta.py
+re-runs the whole prefix through all three models every step). Also base-only and the
+per-step cost of fusion.
+
+    python benchmarks/decode.py                               # long-tail, random checkpoints
+    python benchmarks/decode.py --family jaxrast/toy/family   # long-tail on the toy family
+    python benchmarks/decode.py --workload uniform --base B --rl R --ref F
+
+Not a timed test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -27,9 +39,9 @@ def build_random(directory: str, hidden: int, layers: int, heads: int, kv_heads:
     """A random Qwen2 checkpoint (our own init, saved with save_hf) plus a char tokenizer."""
     from flax import nnx
 
-    from jaxrast.checkpoints import save_hf
     from jaxrast.models import CausalLM, ModelConfig
-    from jaxrast.tokenizer import char_tokenizer
+    from jaxrast.models.hf import save_hf
+    from jaxrast.toy.tokenizer import char_tokenizer
 
     cfg = ModelConfig("qwen2", vocab, hidden, inter, layers, heads, kv_heads, hidden // heads,
                       attention_bias=True, eos_token_id=(1,))
@@ -46,9 +58,9 @@ def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [rng.randint(3, vocab - 1, size=length).tolist() for _ in range(batch)]
 
 
-def time_jax(engine, prompts, new_tokens: int, repeats: int = 7) -> float:
+def time_jax(engine, prompts, new_tokens: int, repeats: int = 5) -> float:
     """Seconds per generate call (after a compile/warm-up call), all rows `new_tokens` long."""
-    from jaxrast.decoding import SamplingParams
+    from jaxrast.rast.decoding import SamplingParams
 
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=new_tokens, stop_token_ids=())
     engine.generate(prompts, params, progress=False)
@@ -78,7 +90,7 @@ def time_torch(paths, lams, prompts, new_tokens: int, vocab: int, repeats: int =
         tokens, attn = ids, mask
         positions = torch.arange(ids.shape[1])[None].expand_as(ids)
         seq = ids
-        for step in range(new_tokens):
+        for _ in range(new_tokens):
             logits = []
             for i, m in enumerate(models):
                 if cached:
@@ -111,34 +123,19 @@ def time_torch(paths, lams, prompts, new_tokens: int, vocab: int, repeats: int =
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base")
-    ap.add_argument("--rl")
-    ap.add_argument("--ref")
-    ap.add_argument("--lam", type=float, default=1.0)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    args = ap.parse_args()
+def uniform(args, paths, models, tok) -> None:
+    """Every row to the same length: engine vs static path vs the seed repo's HF loops."""
+    from jaxrast.rast.decoding import RAST, Pair
 
-    from jaxrast.checkpoints import load_model
-    from jaxrast.decoding import RAST, Pair
-
-    tmp = tempfile.mkdtemp(prefix="jaxrast_bench_")
-    base_path = args.base or build_random(os.path.join(tmp, "base"), 320, 8, 8, 2, 960, 512, 0)
-    rl_path = args.rl or build_random(os.path.join(tmp, "rl"), 128, 4, 4, 2, 384, 512, 1)
-    ref_path = args.ref or build_random(os.path.join(tmp, "ref"), 128, 4, 4, 2, 384, 512, 2)
-    (base, _, tok), (rl, _, _), (ref, _, _) = (load_model(p) for p in (base_path, rl_path, ref_path))
+    base, rl, ref = models
     vocab = len(tok)
-    print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cpus; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, top-p 0.95")
+    print(f"\n== uniform: prompt {args.prompt_len}, {args.new_tokens} new tokens, top-p 0.95 ==")
     for batch in args.batches:
         prompts = prompts_for(batch, args.prompt_len, vocab)
         tokens = batch * args.new_tokens
         engines = {
             "rast": RAST(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=batch),
+            "rast static": RAST(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=batch, scheduler="static"),
             "base": RAST(base, tokenizer=tok, batch_size=batch),
             "rl": RAST(rl, tokenizer=tok, batch_size=batch),
             "ref": RAST(ref, tokenizer=tok, batch_size=batch),
@@ -146,7 +143,8 @@ def main() -> None:
         secs = {name: time_jax(e, prompts, args.new_tokens) for name, e in engines.items()}
         print(f"\nbatch {batch}:")
         for name, s in secs.items():
-            print(f"  jaxrast {name:5s} {tokens / s:10.1f} tok/s  ({1e3 * s / args.new_tokens:.2f} ms/step)")
+            print(f"  jaxrast {name:11s} {tokens / s:10.1f} tok/s  ({1e3 * s / args.new_tokens:.2f} ms/step)")
+        print(f"  engine / static path (RAST): {secs['rast static'] / secs['rast']:.2f}x")
         fused = secs["rast"] / (secs["base"] + secs["rl"] + secs["ref"])
         print(f"  fusion: RAST step / (base + rl + ref steps) = {fused:.3f}   (RAST vs base alone: "
               f"{secs['rast'] / secs['base']:.2f}x the time)")
@@ -155,10 +153,48 @@ def main() -> None:
             torch.set_num_threads(os.cpu_count() or 1)
             for cached, label in ((False, "uncached loop (greedy_delta.py style)"),
                                   (True, "KV-cached loop (dexperts.py style)")):
-                t = time_torch([base_path, rl_path, ref_path], [args.lam], prompts, args.new_tokens, vocab,
-                               cached=cached)
+                t = time_torch(paths, [args.lam], prompts, args.new_tokens, vocab, cached=cached)
                 print(f"  torch  rast  {tokens / t:10.1f} tok/s  ({1e3 * t / args.new_tokens:.2f} ms/step)  {label}")
                 print(f"    speed-up jaxrast/torch {label}: {t / secs['rast']:.1f}x")
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=("long-tail", "uniform", "both"), default="long-tail")
+    ap.add_argument("--family", help="the toy family directory (s_base, s_rl, m_base): long-tail median 48, cap 224")
+    ap.add_argument("--base")
+    ap.add_argument("--rl")
+    ap.add_argument("--ref")
+    ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument("--requests", type=int, default=256, help="long-tail requests (default 256)")
+    ap.add_argument("--slots", type=int, default=16, help="long-tail batch size / engine slots (default 16)")
+    ap.add_argument("--median", type=int, help="long-tail median budget (default 64; 48 on the toy family)")
+    ap.add_argument("--cap", type=int, help="long-tail budget cap (default 1024; 224 on the toy family)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per system after a warm-up (best is kept)")
+    ap.add_argument("--prompt-len", type=int, default=64, help="uniform: prompt tokens")
+    ap.add_argument("--new-tokens", type=int, default=128, help="uniform: new tokens per row")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="uniform: batch sizes")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
+    args = ap.parse_args()
+
+    from jaxrast.models.hf import load_model
+
+    if args.family:
+        paths = [os.path.join(args.family, n) for n in ("m_base", "s_rl", "s_base")]
+    else:
+        tmp = tempfile.mkdtemp(prefix="jaxrast_bench_")
+        paths = [args.base or build_random(os.path.join(tmp, "base"), 320, 8, 8, 2, 960, 512, 0),
+                 args.rl or build_random(os.path.join(tmp, "rl"), 128, 4, 4, 2, 384, 512, 1),
+                 args.ref or build_random(os.path.join(tmp, "ref"), 128, 4, 4, 2, 384, 512, 2)]
+    loaded = [load_model(p) for p in paths]
+    models, tok = [m for m, _, _ in loaded], loaded[0][2]
+    print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cpus")
+    if args.workload in ("long-tail", "both"):
+        from long_tail import long_tail
+        long_tail(args, paths, models, tok, toy=bool(args.family))
+    if args.workload in ("uniform", "both"):
+        uniform(args, paths, models, tok)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from jaxrast.cli import main as cli_main
-from jaxrast.data import load_benchmark
+from jaxrast.data.rows import load_benchmark
 
 
 def synthetic_predictions(samples: int, chars: int, seed: int = 0) -> list[dict]:

@@ -4,7 +4,7 @@
 
 Prints the rate per benchmark (AMC23 ships no solutions) and, with --failures, each
 failure as id / gold / extracted answer / extraction method, for triage into grader
-mistakes (fixed in jaxrast.grading / jaxrast.extract) and data quirks.
+mistakes (fixed in jaxrast.eval.judge / jaxrast.eval.extract) and data quirks.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from jaxrast.data import list_benchmarks, load_benchmark
-from jaxrast.grading import GraderPool
+from jaxrast.data.rows import list_benchmarks, load_benchmark
+from jaxrast.eval.pool import GraderPool
 
 
 def solution_text(row: dict) -> str | None:

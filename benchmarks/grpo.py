@@ -37,7 +37,7 @@ def make_model(directory: str, args) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-    from jaxrast.tokenizer import char_tokenizer
+    from jaxrast.toy.tokenizer import char_tokenizer
 
     torch.manual_seed(0)
     # Extra symbols make the vocabulary LLM-like in that the stop token is rare, so
@@ -64,10 +64,10 @@ def prompts(n: int = 64) -> list[str]:
 
 
 def jaxrast_trainer(model_dir: str, args, out: str):
-    from jaxrast.checkpoints import load_model
     from jaxrast.grpo.config import DataSpec, GRPOConfig, LossSpec, MeshSpec, OptimSpec, RolloutSpec
     from jaxrast.grpo.rewards import as_rewards
     from jaxrast.grpo.trainer import GRPOTrainer
+    from jaxrast.models.hf import load_model
 
     rows = [{"id": str(i), "question": q, "answer": ""} for i, q in enumerate(prompts())]
     batch = args.prompts * args.group
@@ -192,7 +192,8 @@ def main(argv=None) -> int:
         limit_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         results = bench(make_model(os.path.join(tmp, "tiny"), args), args)
-    setup = (f"tiny qwen2 (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab + 31}), {args.prompts} prompts x G={args.group}, "
+    setup = (f"tiny qwen2 (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab + 31}), "
+             f"{args.prompts} prompts x G={args.group}, "
              f"max {args.max_new} new tokens, {args.steps} timed steps after {args.warmup} warm-up, "
              f"threads: {args.threads or 'default'}")
     print(setup)

@@ -11,17 +11,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "jaxrast.checkpoints",
-    "save_hf": "jaxrast.checkpoints",
-    "make_mesh": "jaxrast.sharding",
-    "shard_model": "jaxrast.sharding",
+    "load_model": "jaxrast.models.hf",
+    "save_hf": "jaxrast.models.hf",
+    "make_mesh": "jaxrast.runtime.mesh",
+    "shard_model": "jaxrast.models.partitioning",
     "ModelConfig": "jaxrast.models.config",
-    "CausalLM": "jaxrast.models.decoder",
-    "KVCache": "jaxrast.models.decoder",
-    "RAST": "jaxrast.decoding",
-    "Pair": "jaxrast.decoding",
-    "SamplingParams": "jaxrast.decoding",
-    "Completion": "jaxrast.decoding",
+    "CausalLM": "jaxrast.models.transformer",
+    "KVCache": "jaxrast.models.kv_cache",
+    "RAST": "jaxrast.rast.decoding",
+    "Pair": "jaxrast.rast.ensemble",
+    "SamplingParams": "jaxrast.rast.params",
+    "Completion": "jaxrast.rast.params",
 }
 
 __all__ = sorted(_EXPORTS)

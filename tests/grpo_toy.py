@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrast.models.config import ModelConfig
-from jaxrast.models.decoder import CausalLM
-from jaxrast.tokenizer import char_tokenizer
+from jaxrast.models.transformer import CausalLM
+from jaxrast.toy.tokenizer import char_tokenizer
 
 CHARS = "abcdefgh"
 MAX_NEW = 8

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from jaxrast.tokenizer import char_tokenizer
+from jaxrast.toy.tokenizer import char_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz +-*=#:?.\n"
 

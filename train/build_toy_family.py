@@ -62,7 +62,8 @@ def main() -> None:
     for name, (base, config) in GRPO.items():
         out = os.path.join(work, "grpo_" + name)
         if not os.path.exists(os.path.join(out, "hf", "model.safetensors")):
-            run([py, "-m", "jaxrast.cli", "train", "--config", config, "--set", f"model.path={os.path.join(work, base)}",
+            run([py, "-m", "jaxrast.cli", "train", "--config", config,
+                 "--set", f"model.path={os.path.join(work, base)}",
                  "--set", f"data.source={rows}", "--set", f"output_dir={out}", "--set", "progress=false",
                  "--resume"], log)
     json.dump(log, open(log_path, "w"), indent=1)
@@ -82,8 +83,8 @@ def main() -> None:
 
 
 def diagnostics(paths: dict[str, str]) -> dict[str, dict]:
-    from jaxrast.checkpoints import load_model
-    from jaxrast.decoding import RAST
+    from jaxrast.models.hf import load_model
+    from jaxrast.rast.decoding import RAST
     from jaxrast.toy.demo import HELD_OUT_SEED
     from jaxrast.toy.stats import drill_accuracy, style_stats
     from jaxrast.toy.task import ChainTask
@@ -107,7 +108,7 @@ def write_provenance(args, work: str, log: dict, stats: dict) -> None:
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}.", "",
              "| stage | command | wall time (s) |", "|---|---|---|"]
     total = 0.0
-    for name, spec in PRETRAIN.items():  # read back from the checkpoint's own log
+    for name in PRETRAIN:  # read back from the checkpoint's own log
         meta = json.load(open(os.path.join(work, name, "pretrain_log.json")))
         cfg = meta["config"]
         cmd = (f"python train/pretrain_toy.py --size {cfg['size']} --out {os.path.relpath(work, ROOT)}/{name} "
@@ -128,7 +129,8 @@ def write_provenance(args, work: str, log: dict, stats: dict) -> None:
               "problems use a seed used nowhere here.", "",
               "Diagnostics on 500 problems × 4 samples (τ = 1, top-p 0.95) of another unused seed, and greedy "
               "single-step drills:", "",
-              "| model | stepwise share | acc. stepwise | acc. direct | avg@4 | step acc. | drill + | drill − | drill × |",
+              "| model | stepwise share | acc. stepwise | acc. direct | avg@4 | step acc. "
+              "| drill + | drill − | drill × |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, s in stats.items():
         d = s["drill_greedy"]

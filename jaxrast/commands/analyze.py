@@ -87,43 +87,8 @@ def _named(spec: str) -> tuple[str, str]:
     return os.path.basename(spec.rstrip("/")) or spec, spec
 
 
-class _Models:
-    """Loads each checkpoint once; the first tokenizer found is the analysis' tokenizer."""
-
-    def __init__(self, args: argparse.Namespace):
-        import jax
-
-        from jaxrast.checkpoints import as_dtype
-        from jaxrast.sharding import parse_mesh
-
-        dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        self.dtype, self.allow_pickle, self.mesh = as_dtype(dtype), args.allow_pickle, parse_mesh(args.mesh)
-        self.cache: dict[str, tuple] = {}
-        self.tokenizer = None
-
-    def __call__(self, path: str):
-        from jaxrast.checkpoints import load_model
-        from jaxrast.decoding import check_tokenizers_compatible
-
-        if path not in self.cache:
-            model, _, tok = load_model(path, dtype=self.dtype, mesh=self.mesh, allow_pickle=self.allow_pickle,
-                                       progress=False)
-            check_tokenizers_compatible(self.tokenizer, tok, path)
-            self.tokenizer = self.tokenizer or tok
-            self.cache[path] = model
-        return self.cache[path]
-
-    @property
-    def vocab(self) -> int:
-        """The real vocabulary: the tokenizer's, else (a checkpoint without tokenizer files,
-        trajectories with token ids) the smallest model's rows."""
-        if self.tokenizer is not None:
-            return len(self.tokenizer)
-        return min(m.cfg.vocab_size for m in self.cache.values())
-
-
 def _pairs(args, load):
-    from jaxrast.decoding import Pair
+    from jaxrast.rast.ensemble import Pair
 
     if args.pair and not args.base:
         raise ValueError("--pair needs --base (RAST combines the base's logits with the pairs' deltas).")
@@ -140,7 +105,7 @@ def _unique(names: list[str]) -> list[str]:
 
 
 def _trajectories(args, tokenizer):
-    from jaxrast.analysis import read_trajectories
+    from jaxrast.analysis.trajectories import read_trajectories
 
     trajs = read_trajectories(args.traj, tokenizer, limit=args.limit)
     kept = [t for t in trajs if t.token_ids]
@@ -169,7 +134,8 @@ def _fmt(x, spec: str = ".4g") -> str:
 
 
 def _coverage(args, load, common, config) -> list[str]:
-    from jaxrast import analysis, analysis_reports as rep
+    from jaxrast.analysis import reports as rep
+    from jaxrast.analysis import teacher_forcing as analysis
 
     models, pairs = _models(args, load), _pairs(args, load)
     base = load(args.base) if args.base else None
@@ -188,7 +154,8 @@ def _coverage(args, load, common, config) -> list[str]:
 
 
 def _kl(args, load, common, config) -> list[str]:
-    from jaxrast import analysis, analysis_reports as rep
+    from jaxrast.analysis import reports as rep
+    from jaxrast.analysis import teacher_forcing as analysis
 
     if not args.base or not args.pair:
         raise ValueError("kl needs --base BASE and at least one --pair RL REF LAM.")
@@ -215,7 +182,8 @@ def _kl(args, load, common, config) -> list[str]:
 
 
 def _similarity(args, load, common, config) -> list[str]:
-    from jaxrast import analysis, analysis_reports as rep
+    from jaxrast.analysis import reports as rep
+    from jaxrast.analysis import teacher_forcing as analysis
 
     for p in args.pair:
         if len(p) not in (2, 3):
@@ -238,12 +206,13 @@ def _similarity(args, load, common, config) -> list[str]:
 
 
 def _trace(args, load, common, config) -> list[str]:
-    from jaxrast import analysis, analysis_reports as rep
+    from jaxrast.analysis import reports as rep
+    from jaxrast.analysis.trajectories import parse_row_selector
 
     if not args.base:
         raise ValueError("trace needs --base (and usually --pair RL REF LAM).")
     pairs, base = _pairs(args, load), load(args.base)
-    selected = analysis.parse_row_selector(args.rows)
+    selected = parse_row_selector(args.rows)
     trajs = [t for t in _trajectories(args, load.tokenizer) if selected(t.id, t.sample)]
     if not trajs:
         raise ValueError(f"no trajectory of {args.traj} matches --rows {' '.join(args.rows)} (ID or ID:SAMPLE).")
@@ -258,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     common = dict(batch_size=args.batch_size, progress=False if args.no_progress else None)
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "no_progress"}
-    files = _RUNNERS[args.analysis](args, _Models(args), common, config)
+    from jaxrast.models.cache import ModelCache
+    from jaxrast.runtime.mesh import parse_mesh
+
+    load = ModelCache(dtype=args.dtype, mesh=parse_mesh(args.mesh), allow_pickle=args.allow_pickle, progress=False)
+    files = _RUNNERS[args.analysis](args, load, common, config)
     print(f"wrote {', '.join(files)} ({time.perf_counter() - t0:.1f}s)")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxrast.distributed import add_arguments as add_distributed_arguments
+from jaxrast.runtime.distributed import add_arguments as add_distributed_arguments
 
 NAME = "decode"
 HELP = "Decode a dataset with a base model plus the RL shift of small pairs (resumable JSONL output)."
@@ -18,17 +18,19 @@ EPILOG = """examples:
 
 # CLI flag -> DecodeConfig field (flags left unset keep the YAML/default value)
 _FLAGS = ("base", "mode", "dataset", "limit", "prompt_template", "temperature", "top_p", "top_k", "n",
-          "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "dtype", "mesh", "trace_top_k", "trace_out")
+          "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "dtype", "mesh", "trace_top_k", "trace_out",
+          "min_tokens", "continue_text")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add = parser.add_argument
-    add("--config", help="YAML config (fields of jaxrast.decode_job.DecodeConfig)")
+    add("--config", help="YAML config (fields of jaxrast.rast.job.DecodeConfig)")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     add("--base", help="base model: checkpoint directory or hub id")
-    add("--pair", nargs=3, action="append", metavar=("RL", "REF", "LAM"), help="a small pair and its weight (repeatable)")
+    add("--pair", nargs=3, action="append", metavar=("RL", "REF", "LAM"),
+        help="a small pair and its weight (repeatable)")
     add("--rl", help="one pair's RL model (with --ref and --lam)")
     add("--ref", help="one pair's reference (base) model")
     add("--lam", type=float, help="one pair's weight λ (default 1.0)")
@@ -43,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-new-tokens", type=int)
     add("--seed", type=int)
     add("--stop", action="append", metavar="TEXT", help="stop string (repeatable; default '\\nQuestion:')")
+    add("--min-tokens", type=int, metavar="N", help="a thinking budget: stops cannot end a row before N tokens")
+    add("--continue-text", metavar="TEXT", help="with --min-tokens: emitted instead of an early stop (e.g. ' Wait')")
     add("--lam-schedule", help="constant | warmup:N | first:N")
     add("--out", help="output JSONL (appended; finished rows are skipped on rerun)")
     add("--batch-size", type=int)
@@ -60,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from jaxrast.config_io import load_config
-    from jaxrast.decode_job import DecodeConfig
+    from jaxrast.rast.job import DecodeConfig
+    from jaxrast.runtime.config import load_config, replace
 
     base: dict = {}
     for name in _FLAGS:
@@ -76,7 +80,7 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError("--lam weights the pair given by --rl/--ref; with --pair or pairs from the config, "
                          "give each weight as LAM in --pair RL REF LAM (or in the YAML's pairs).")
     if pairs:
-        base["pairs"] = tuple((rl, ref, float(lam)) for rl, ref, lam in pairs)
+        base["pairs"] = tuple(pairs)
     if args.stop:
         # "\\n" typed in a shell becomes a newline; other text (问题：, Übung) stays as it is
         base["stop"] = tuple(s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in args.stop)
@@ -86,20 +90,39 @@ def config_from_args(args: argparse.Namespace):
         base["save_token_ids"] = True
     if args.trace_rows:
         base["trace_rows"] = tuple(args.trace_rows)
-    cfg = load_config(DecodeConfig, args.config, args.set)
-    for key, value in base.items():  # explicit flags win over the YAML file
-        setattr(cfg, key, value)
-    return cfg
+    # explicit flags win over the YAML file and --set
+    return replace(load_config(DecodeConfig, args.config, args.set), **base)
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxrast.decode_job import run_decode
-    from jaxrast.distributed import is_main, maybe_initialize
+    from jaxrast.rast.job import run_decode
+    from jaxrast.runtime.distributed import is_main, maybe_initialize
 
     cfg = config_from_args(args)
     maybe_initialize(args)  # before anything touches devices
-    summary = run_decode(cfg, progress=False if args.no_progress else True)
+    keep = None
+    if cfg.trace_rows:  # decoding never imports analysis: the selector and the trace live here
+        from jaxrast.analysis.trajectories import parse_row_selector
+        keep = parse_row_selector(cfg.trace_rows)
+    result = run_decode(cfg, progress=False if args.no_progress else True, keep=keep)
+    summary = result.summary
+    if result.kept:
+        summary["trace"] = _write_trace(cfg, result, progress=not args.no_progress)
     if is_main():
         print(f"{summary['written']} rows written to {summary['out']} ({summary['skipped']} prompts already done, "
               f"{summary['tokens']} tokens)" + (f"; trace in {summary['trace']}" if "trace" in summary else ""))
     return 0
+
+
+def _write_trace(cfg, result, progress) -> str:
+    """Teacher-forces the kept rows through the job's models: per-step top tokens of base,
+    delta and combined (`jaxrast analyze trace` on the same rows gives the same file)."""
+    from jaxrast.analysis.reports import write_trace
+    from jaxrast.analysis.trajectories import Trajectory
+
+    engine = result.engine
+    base, pairs = engine.models[0], engine.pairs
+    trajs = [Trajectory(prompt, tokens, row_id, sample) for prompt, tokens, row_id, sample in result.kept]
+    return write_trace(cfg.trace_out or cfg.out.removesuffix(".jsonl") + ".trace.jsonl", trajs, base, pairs,
+                       engine.tokenizer, vocab=engine.vocab, top_k=cfg.trace_top_k, lam_schedule=engine.schedule,
+                       batch_size=cfg.batch_size, progress=progress)

@@ -24,16 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxrast.runtime.config import replace
     from jaxrast.toy.demo import DemoConfig, format_table, run_demo
 
-    cfg = DemoConfig()
-    for field in ("problems", "k", "lam", "sweep_problems", "seed", "data_seed", "family", "out_dir", "json"):
-        if getattr(args, field) is not None:
-            setattr(cfg, field, getattr(args, field))
+    flags = {f: getattr(args, f) for f in ("problems", "k", "lam", "sweep_problems", "seed", "data_seed", "family",
+                                           "out_dir", "json") if getattr(args, f) is not None}
     if args.sweep:
-        cfg.sweep = tuple(args.sweep)
-    if cfg.k < 1 or cfg.problems < 1 or cfg.sweep_problems < 1:
-        raise ValueError("--k, --problems and --sweep-problems must be >= 1.")
+        flags["sweep"] = tuple(args.sweep)
+    cfg = replace(DemoConfig(), **flags)
     if cfg.sweep_problems > cfg.problems:
         raise ValueError(f"--sweep-problems ({cfg.sweep_problems}) cannot exceed --problems ({cfg.problems}): "
                          "the sweep runs on the first held-out problems.")

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PNG", help="plot pass@k curves of the --pred files")
     parser.add_argument("--groups", action="store_true", help="also print per-subject / level rows")
     parser.add_argument("--group-by", nargs="+", default=[], metavar="FIELD", help="extra gold fields to group by")
-    parser.add_argument("--workers", type=int, default=None, help="grading processes (default: all cores; 0: in-process)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="grading processes (default: all cores; 0: in-process)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per judgement (default 5)")
     parser.add_argument("--last-number", choices=("auto", "on", "off"), default="auto",
                         help="fall back to the last number when no box / 'answer is' (auto: per benchmark)")
@@ -55,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from jaxrast import evaluate
-    from jaxrast.data import load_rows
-    from jaxrast.grading import GraderPool
+    from jaxrast.data.rows import load_rows
+    from jaxrast.eval import report as evaluate
+    from jaxrast.eval.pool import GraderPool
 
     gold_rows = None
     if args.data:

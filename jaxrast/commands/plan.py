@@ -54,8 +54,8 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
     """Merges --config (a DecodeConfig YAML) with the flags; flags win."""
     base, pairs, batch, new, dtype, mesh = args.base, [], None, None, None, None
     if args.config:
-        from jaxrast.config_io import load_config
-        from jaxrast.decode_job import DecodeConfig
+        from jaxrast.rast.job import DecodeConfig
+        from jaxrast.runtime.config import load_config
 
         cfg = load_config(DecodeConfig, args.config)
         base = base or cfg.base
@@ -76,7 +76,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _section(plan, sizes, capacity: float) -> dict[str, Any]:
     """One plan (a function of the mesh sizes) on `sizes`, with the smallest mesh that fits."""
-    from jaxrast.plan import smallest_mesh, totals
+    from jaxrast.plan.memory import smallest_mesh, totals
 
     components = plan(sizes)
     total, per_device = totals(components, sizes)
@@ -87,8 +87,8 @@ def _section(plan, sizes, capacity: float) -> dict[str, Any]:
 
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxrast.plan import DEVICES, DecodeShape, TrainShape, grpo_plan, rast_plan, resolve_config
-    from jaxrast.sharding import mesh_sizes
+    from jaxrast.plan.memory import DEVICES, DecodeShape, TrainShape, grpo_plan, rast_plan, resolve_config
+    from jaxrast.runtime.mesh import mesh_sizes
 
     inp = _inputs(args)
     sizes = mesh_sizes(inp["mesh"])
@@ -122,8 +122,10 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     devices = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
     return {"mesh": sizes, "devices": devices,
             "device": {"name": device, "memory_gib": gib, "usable": args.usable, "capacity_bytes": capacity},
-            "base": inp["base"], "pairs": inp["pairs"], "decode": {**dataclasses.asdict(decode), "length": decode.length},
-            "train": {**dataclasses.asdict(train), "micro_batch_global": train.micro_batch * sizes["data"] * sizes["fsdp"]},
+            "base": inp["base"], "pairs": inp["pairs"],
+            "decode": {**dataclasses.asdict(decode), "length": decode.length},
+            "train": {**dataclasses.asdict(train),
+                      "micro_batch_global": train.micro_batch * sizes["data"] * sizes["fsdp"]},
             "rast": _section(lambda _: rast_plan(models, decode), sizes, capacity),
             "grpo": _section(grpo, sizes, capacity)}
 
@@ -137,8 +139,10 @@ def _table(title: str, section: dict[str, Any], report: dict[str, Any]) -> list[
     lines = [title, f"  {'component':{width}s}{'params':>10s}{'total GB':>12s}{'per device GB':>16s}"]
     for c in section["components"]:
         params = f"{c['params'] / 1e9:.2f} B" if c["params"] else ""
-        lines.append(f"  {c['name']:{width}s}{params:>10s}{_gb(c['total_bytes']):>12s}{_gb(c['per_device_bytes']):>16s}")
-    lines.append(f"  {'total':{width}s}{'':>10s}{_gb(section['total_bytes']):>12s}{_gb(section['per_device_bytes']):>16s}")
+        lines.append(f"  {c['name']:{width}s}{params:>10s}{_gb(c['total_bytes']):>12s}"
+                     f"{_gb(c['per_device_bytes']):>16s}")
+    lines.append(f"  {'total':{width}s}{'':>10s}{_gb(section['total_bytes']):>12s}"
+                 f"{_gb(section['per_device_bytes']):>16s}")
     dev, mesh = report["device"], report["mesh"]
     verdict = "yes" if section["fits"] else "NO"
     lines.append(f"  fits on {report['devices']} × {dev['name']} ({dev['memory_gib']:g} GiB, "
@@ -160,8 +164,9 @@ def format_report(report: dict[str, Any]) -> str:
     pairs = len(report["pairs"])
     rast_title = (f"RAST decoding: {report['base']} + {pairs} pair{'s' * (pairs != 1)}, {d['dtype']}, "
                   f"batch {d['batch']} × ({d['prompt_len']} prompt + {d['new_tokens']} new) tokens")
-    grpo_title = (f"GRPO-training {report['base']} directly: Adam, micro-batch {t['micro_batch_global']} × {t['seq_len']} "
-                  f"tokens ({t['micro_batch']} per data-parallel shard), rollouts {t['rollout_batch']} × {t['seq_len']}")
+    grpo_title = (f"GRPO-training {report['base']} directly: Adam, micro-batch {t['micro_batch_global']} × "
+                  f"{t['seq_len']} tokens ({t['micro_batch']} per data-parallel shard), rollouts "
+                  f"{t['rollout_batch']} × {t['seq_len']}")
     lines = _table(rast_title, report["rast"], report) + [""] + _table(grpo_title, report["grpo"], report)
     ratio = report["grpo"]["total_bytes"] / report["rast"]["total_bytes"]
     lines += ["", f"GRPO on the base needs {ratio:.1f}× the memory of RAST decoding "

@@ -10,7 +10,8 @@ HELP = "Plot GRPO training curves (reward, accuracy, KL, clipping, entropy, leng
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="metrics.jsonl files or run directories holding one")
-    parser.add_argument("--out", default="train_curves.png", metavar="PNG", help="output image (default train_curves.png)")
+    parser.add_argument("--out", default="train_curves.png", metavar="PNG",
+                        help="output image (default train_curves.png)")
     parser.add_argument("--metrics", nargs="+", metavar="KEY", help="metrics to plot (default: the main ones)")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxrast.distributed import add_arguments as add_distributed_arguments
+from jaxrast.runtime.distributed import add_arguments as add_distributed_arguments
 
 NAME = "train"
 HELP = "GRPO-train a small model (the rl side of a RAST pair) from a YAML config."
@@ -32,12 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxrast.checkpoints import load_model
-    from jaxrast.config_io import load_config
-    from jaxrast.data import load_rows
-    from jaxrast.distributed import is_main, maybe_initialize, on_every_process
+    from jaxrast.data.rows import load_rows
     from jaxrast.grpo.config import GRPOConfig
-    from jaxrast.grpo.trainer import build_mesh, train
+    from jaxrast.grpo.trainer import train
+    from jaxrast.models.hf import load_model
+    from jaxrast.runtime.config import load_config
+    from jaxrast.runtime.distributed import is_main, maybe_initialize, on_every_process
+    from jaxrast.runtime.mesh import mesh_of
 
     cfg = load_config(GRPOConfig, args.config, args.set).validate()
     maybe_initialize(args)  # before anything touches devices
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                          "(--set data.source=PATH).")
     rows = on_every_process(lambda: load_rows(cfg.data.source, cfg.data.fields or None, split=cfg.data.split),
                             "reading the data")
-    mesh = build_mesh(cfg.mesh)
+    mesh = mesh_of(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     load = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=mesh, remat=cfg.model.remat)
 
     def load_models():

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxrast.decoding import bucket_length
+from jaxrast.rast.schedule import bucket_length
 
 
 class PromptStream:
@@ -53,20 +53,15 @@ class PromptStream:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def encode_prompts(tokenizer, texts: Sequence[str], max_tokens: int) -> tuple[list[list[int]], list[int]]:
-    """Token ids of each prompt (no special tokens, as the sampler encodes them) and the
-    indices kept; prompts longer than `max_tokens` or empty are dropped with a warning."""
-    ids, kept = [], []
-    for i, text in enumerate(texts):
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if 0 < len(tokens) <= max_tokens:
-            ids.append(tokens)
-            kept.append(i)
-    dropped = len(texts) - len(kept)
+def usable_prompts(prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> list[int]:
+    """Indices of the prompts GRPO trains on; prompts longer than `max_tokens` or empty are
+    dropped with a warning."""
+    kept = [i for i, ids in enumerate(prompt_ids) if 0 < len(ids) <= max_tokens]
+    dropped = len(prompt_ids) - len(kept)
     if dropped:
-        warnings.warn(f"dropped {dropped} of {len(texts)} prompts that are empty or longer than "
+        warnings.warn(f"dropped {dropped} of {len(prompt_ids)} prompts that are empty or longer than "
                       f"data.max_prompt_tokens={max_tokens}.", stacklevel=2)
-    return ids, kept
+    return kept
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`GRPOConfig`: every setting of a GRPO run, read from YAML by `jaxrast.config_io`.
+"""`GRPOConfig`: every setting of a GRPO run, read from YAML by `jaxrast.runtime.config`.
 
 Sections nest (`rollout.group_size: 8`, overrides `--set optim.lr=1e-6`). One *step* is
 one rollout batch (prompts_per_step × group_size completions) followed by
@@ -8,14 +8,18 @@ each update accumulated over micro-batches of `loss.micro_batch_size` sequences.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated
+
+from pydantic import Field
 
 from jaxrast.grpo.losses import AGGREGATIONS
+from jaxrast.runtime.config import Finite, NonNegative, Positive, Texts, config_dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-@dataclass
+@config_dataclass
 class ModelSpec:
     path: str = ""  # HF checkpoint (dir or cached hub id): the policy's initial weights
     ref_path: str = ""  # frozen KL reference; default: `path`. Loaded only when loss.beta > 0
@@ -24,39 +28,39 @@ class ModelSpec:
     remat: bool = False  # recompute each block's activations in the backward pass
 
 
-@dataclass
+@config_dataclass
 class DataSpec:
     source: str = ""  # benchmark name, .jsonl file, `datasets` directory or hub name
-    fields: dict[str, str] = field(default_factory=dict)  # FieldMap: id/question/answer/answer_format
+    fields: dict[str, str | None] = field(default_factory=dict)  # FieldMap: id/question/answer/answer_format
     split: str = "train"  # split of a `datasets` source
     template: str = "paper"  # prompt template name or format string over row fields
-    max_prompt_tokens: int = 512  # longer prompts are dropped (with a warning)
+    max_prompt_tokens: Positive = 512  # longer prompts are dropped (with a warning)
     shuffle: bool = True  # visit rows in a seeded random order, re-shuffled every epoch
 
 
-@dataclass
+@config_dataclass
 class RolloutSpec:
-    prompts_per_step: int = 8
-    group_size: int = 8  # G completions per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    stop_strings: tuple[str, ...] = ()
-    batch_size: int = 64  # sampler rows decoded together
+    prompts_per_step: Positive = 8
+    group_size: Positive = 8  # G completions per prompt
+    temperature: Finite = 1.0
+    top_p: Finite = 1.0
+    top_k: NonNegative = 0
+    max_new_tokens: Positive = 256
+    stop_strings: Texts = ()
+    batch_size: Positive = 64  # sampler rows decoded together
 
 
-@dataclass
+@config_dataclass
 class LossSpec:
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2  # > epsilon_low: DAPO clip-higher
+    epsilon_low: Finite = 0.2
+    epsilon_high: Finite = 0.2  # > epsilon_low: DAPO clip-higher
     aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean | dr_grpo
     scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
-    adv_eps: float = 1e-6
-    beta: float = 0.0  # KL weight; 0 neither loads nor runs the reference
-    iterations: int = 1  # μ: optimisation passes over each rollout batch
-    mini_batches: int = 1  # optimiser updates per pass
-    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
+    adv_eps: Annotated[Finite, Field(gt=0)] = 1e-6
+    beta: Annotated[Finite, Field(ge=0)] = 0.0  # KL weight; 0 neither loads nor runs the reference
+    iterations: Positive = 1  # μ: optimisation passes over each rollout batch
+    mini_batches: Positive = 1  # optimiser updates per pass
+    micro_batch_size: Positive = 8  # sequences per forward/backward (gradient accumulation)
     # With beta = 0 a row whose advantage is 0 (a group with equal rewards) has exactly zero
     # gradient: rows are packed so such rows fill whole micro-batches, which skip the
     # backward. On-policy they skip the forward too: the sampler records the policy's
@@ -73,26 +77,26 @@ class LossSpec:
         return self.skip_zero_advantage and self.beta == 0
 
 
-@dataclass
+@config_dataclass
 class OptimSpec:
-    lr: float = 1e-6
-    warmup_steps: int = 0  # optimiser updates of linear warm-up from 0
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last update
-    weight_decay: float = 0.0  # AdamW decay of matrices (not of norms and biases)
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # global-norm clipping; 0 disables
+    lr: Finite = 1e-6
+    warmup_steps: NonNegative = 0  # optimiser updates of linear warm-up from 0
+    min_lr_ratio: Finite = 0.0  # cosine decays to lr * min_lr_ratio at the last update
+    weight_decay: Annotated[Finite, Field(ge=0)] = 0.0  # AdamW decay of matrices (not of norms and biases)
+    b1: Finite = 0.9
+    b2: Finite = 0.999
+    eps: Annotated[Finite, Field(gt=0)] = 1e-8
+    max_grad_norm: Annotated[Finite, Field(ge=0)] = 1.0  # global-norm clipping; 0 disables
 
 
-@dataclass
+@config_dataclass
 class MeshSpec:
     data: int = 1
     fsdp: int = -1  # -1: all remaining devices
     tensor: int = 1
 
 
-@dataclass
+@config_dataclass
 class GRPOConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -102,13 +106,13 @@ class GRPOConfig:
     mesh: MeshSpec = field(default_factory=MeshSpec)
     # reward name -> weight; "math" = rule-based correctness (1/0) against the row's answer,
     # "package.module:function" = any fn(prompts, completions, **row_columns) -> list[float]
-    rewards: dict[str, float] = field(default_factory=lambda: {"math": 1.0})
-    reward_workers: int | None = None  # grading processes for "math" (None: all cores)
-    steps: int = 100
-    seed: int = 0
+    rewards: dict[str, Finite] = field(default_factory=lambda: {"math": 1.0})
+    reward_workers: NonNegative | None = None  # grading processes for "math" (None: all cores)
+    steps: Positive = 100
+    seed: NonNegative = 0
     output_dir: str = "runs/grpo"
-    save_every: int = 50  # checkpoint every N steps (and always at exit)
-    keep_checkpoints: int = 3
+    save_every: Positive = 50  # checkpoint every N steps (and always at exit)
+    keep_checkpoints: Positive = 3
     async_checkpointing: bool = True
     export_hf: bool = True  # write the final policy to output_dir/hf (save_hf)
     progress: bool = True

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrast.sampling import entropy_of
+from jaxrast.rast.sampling import entropy_of
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
 

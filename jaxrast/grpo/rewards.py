@@ -44,7 +44,7 @@ class MathReward:
             raise ValueError("the math reward needs an 'answer' field in every data row; "
                              "map it with data.fields (e.g. {answer: target}) or use another reward.")
         if self._pool is None:
-            from jaxrast.grading_pool import GraderPool
+            from jaxrast.eval.pool import GraderPool
             self._pool = GraderPool(self.processes, timeout=self.timeout)
         return [float(ok) for ok in self._pool.is_correct_many(list(completions), [_gold(a, i) for i, a in
                                                                                   enumerate(answer)])]
@@ -56,8 +56,8 @@ class MathReward:
 
 
 def _gold(answer: Any, index: int) -> str | list[str]:
-    """A row's gold answer as the grader takes it (`jaxrast.data.gold_answer`)."""
-    from jaxrast.data import gold_answer
+    """A row's gold answer as the grader takes it (`jaxrast.data.rows.gold_answer`)."""
+    from jaxrast.data.rows import gold_answer
 
     try:
         return gold_answer(answer)

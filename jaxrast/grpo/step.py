@@ -2,13 +2,12 @@
 optimiser update (gradient accumulation over micro-batches with `lax.scan`).
 
 Everything is functional over `(params, opt_state)` pytrees placed by the partition rules
-of `jaxrast.sharding`, so the same program runs on one device or a data/fsdp/tensor mesh.
+of `jaxrast.models.partitioning`, so the same program runs on one device or a data/fsdp/tensor mesh.
 Batch arrays are `[micro_batches, micro_batch_size, ...]`, split over the batch axes.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import flax.struct
@@ -19,10 +18,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrast.distributed import put_global
 from jaxrast.grpo.config import LossSpec, OptimSpec
 from jaxrast.grpo.losses import grpo_token_loss, token_logprobs
-from jaxrast.sharding import BATCH, PARAM_RULES, fit_spec, path_str
+from jaxrast.models.partitioning import fit_spec, path_str, rule_for
+from jaxrast.runtime.distributed import put_global
+from jaxrast.runtime.mesh import BATCH
 
 
 @flax.struct.dataclass
@@ -46,8 +46,7 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
     other leaf (step counts) is replicated."""
     def one(path, leaf):
         name = path_str(path)
-        spec = next((s for pattern, s in PARAM_RULES if re.search(pattern, name)), P())
-        return NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh, name))
+        return NamedSharding(mesh, fit_spec(rule_for(name, default=P()), leaf.shape, mesh, name))
     return jax.tree_util.tree_map_with_path(one, tree)
 
 

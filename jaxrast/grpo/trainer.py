@@ -24,32 +24,32 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxrast.ckpt import Checkpointer, abstract_like
-from jaxrast.config_io import save_config, to_dict
-from jaxrast.decoding import RAST, SamplingParams
-from jaxrast.distributed import any_process, host_array, is_main
-from jaxrast.grpo.batch import (PromptStream, RolloutArrays, build_rollout, encode_prompts, pack_zero_advantage,
-                                 rows_for, split_micro)
-from jaxrast.grpo.config import GRPOConfig, MeshSpec
+from jaxrast.data.prompts import encode_prompts, get_template, render
+from jaxrast.grpo.batch import (
+    PromptStream,
+    RolloutArrays,
+    build_rollout,
+    pack_zero_advantage,
+    rows_for,
+    split_micro,
+    usable_prompts,
+)
+from jaxrast.grpo.checkpoint import Checkpointer, abstract_like
+from jaxrast.grpo.config import GRPOConfig
 from jaxrast.grpo.log import MetricsLog
 from jaxrast.grpo.losses import group_advantages, token_weights
 from jaxrast.grpo.rewards import Reward, as_rewards, close_rewards, compute_rewards, resolve_rewards
 from jaxrast.grpo.step import Batch, Programs, make_optimizer
-from jaxrast.models.decoder import CausalLM
-from jaxrast.prompts import get_template, render
-from jaxrast.sharding import make_mesh, shard_model
+from jaxrast.models.partitioning import shard_model
+from jaxrast.models.transformer import CausalLM
+from jaxrast.rast.decoding import RAST, SamplingParams
+from jaxrast.runtime.config import save_config, to_dict
+from jaxrast.runtime.distributed import any_process, host_array, is_main
+from jaxrast.runtime.mesh import mesh_of
 
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {"steps", "progress", "output_dir", "save_every", "keep_checkpoints", "async_checkpointing",
                       "export_hf", "reward_workers"}
-
-
-def build_mesh(spec: MeshSpec) -> Mesh:
-    """The configured mesh; without a -1 size it takes the first data×fsdp×tensor devices."""
-    sizes = (spec.data, spec.fsdp, spec.tensor)
-    if -1 in sizes:
-        return make_mesh(*sizes)
-    return make_mesh(*sizes, devices=jax.devices()[:int(np.prod(sizes))])
 
 
 class GRPOTrainer:
@@ -66,11 +66,13 @@ class GRPOTrainer:
         self.cfg = cfg.validate()
         if tokenizer is None:
             raise ValueError("GRPO needs the policy's tokenizer (prompts and rewards are text).")
-        self.mesh = mesh if mesh is not None else build_mesh(cfg.mesh)
+        self.mesh = mesh if mesh is not None else mesh_of(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         self.policy, self.tokenizer, self.rewards = shard_model(policy, self.mesh), tokenizer, list(rewards)
         template = get_template(cfg.data.template)
         texts = [render(template, row) for row in rows]
-        self.prompt_ids, kept = encode_prompts(tokenizer, texts, cfg.data.max_prompt_tokens)
+        encoded = encode_prompts(tokenizer, texts)
+        kept = usable_prompts(encoded, cfg.data.max_prompt_tokens)
+        self.prompt_ids = [encoded[i] for i in kept]
         self.rows, self.prompts = [rows[i] for i in kept], [texts[i] for i in kept]
         self.stream = PromptStream(len(self.rows), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.sampler = RAST(policy, tokenizer=tokenizer, mesh=self.mesh, batch_size=cfg.rollout.batch_size)
@@ -268,7 +270,7 @@ class GRPOTrainer:
 
     def export(self, directory: str) -> str:
         """Writes the policy as a HuggingFace checkpoint (usable as `rl` in decode, transformers, vLLM)."""
-        from jaxrast.checkpoints import save_hf
+        from jaxrast.models.hf import save_hf
         return save_hf(self.policy, self.tokenizer, directory, source=self.cfg.model.path or None)
 
     def close(self) -> None:

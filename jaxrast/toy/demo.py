@@ -13,32 +13,35 @@ import json
 import os
 import time
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
-from jaxrast.metrics import default_ks, pass_at_k, recovery_rate
+from jaxrast.eval import metrics
+from jaxrast.eval.metrics import default_ks, recovery_rate
+from jaxrast.runtime.config import Finite, NonNegative, Positive, config_dataclass
 from jaxrast.toy.task import ChainTask
 
 FAMILY = ("s_base", "s_rl", "m_base", "m_rl")
 HELD_OUT_SEED = 777_001  # problems of this seed are never seen in pretraining or GRPO
 
 
-@dataclasses.dataclass
+@config_dataclass
 class DemoConfig:
     family: str | None = None  # directory with s_base/ s_rl/ m_base/ m_rl/; default: shipped
-    problems: int = 1000
-    k: int = 8  # samples per problem: avg@k and pass@1..k (--k 16: pass@16, ~3 min)
-    lam: float = 1.0
-    sweep: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-    sweep_problems: int = 250
-    sweep_k: int = 4
-    seed: int = 0  # sampling seed
-    data_seed: int = HELD_OUT_SEED
-    temperature: float = 1.0
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    batch_size: int = 1000
+    problems: Positive = 1000
+    k: Positive = 8  # samples per problem: avg@k and pass@1..k (--k 16: pass@16, ~3 min)
+    lam: Finite = 1.0
+    sweep: tuple[Finite, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    sweep_problems: Positive = 250
+    sweep_k: Positive = 4
+    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0  # sampling seed
+    data_seed: NonNegative = HELD_OUT_SEED
+    temperature: Finite = 1.0
+    top_p: Finite = 0.95
+    max_new_tokens: Positive = 64
+    batch_size: Positive = 1000
     out_dir: str = "jaxrast_demo"
     json: str | None = None
 
@@ -51,7 +54,7 @@ def family_dir(path: str | None = None) -> str:
 
 def load_family(path: str | None = None) -> dict[str, tuple]:
     """name -> (model, tokenizer) for the four checkpoints of the family."""
-    from jaxrast.checkpoints import load_model
+    from jaxrast.models.hf import load_model
 
     root = family_dir(path)
     missing = [n for n in FAMILY if not os.path.exists(os.path.join(root, n, "config.json"))]
@@ -76,15 +79,15 @@ def grade(task: ChainTask, rows: list[dict], completions: list[list]) -> dict[st
 
 
 def summarise(correct: list[list[bool]], ks: list[int]) -> dict[str, float]:
-    n = len(correct[0])
-    out = {"avg": float(np.mean([np.mean(c) for c in correct]))}
-    for k in ks:
-        out[f"pass@{k}"] = float(np.mean([pass_at_k(n, sum(c), k) for c in correct]))
-    return out
+    """avg@k and pass@k of per-problem correctness lists, by `jaxrast.eval.metrics`."""
+    summary = metrics.summarise([metrics.ProblemResult(str(i), tuple(c), (None,) * len(c))
+                                 for i, c in enumerate(correct)], ks)
+    return {"avg": next(v for k, v in summary["metrics"].items() if k.startswith("avg")),
+            **{f"pass@{k}": summary["pass_at_k"][str(k)] for k in ks}}
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> dict[str, Any]:
-    from jaxrast.decoding import RAST, Pair, SamplingParams
+    from jaxrast.rast.decoding import RAST, Pair, SamplingParams
 
     t0 = time.perf_counter()
     task = ChainTask()

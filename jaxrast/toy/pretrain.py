@@ -17,10 +17,10 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxrast.checkpoints import save_hf
 from jaxrast.models import CausalLM, ModelConfig
-from jaxrast.tokenizer import char_tokenizer
+from jaxrast.models.hf import save_hf
 from jaxrast.toy.task import CHARS, ChainTask, CorpusMix, corpus_batch
+from jaxrast.toy.tokenizer import char_tokenizer
 
 # The family's shapes. Vocabularies are padded differently on purpose (tokenizer: 24
 # tokens), as Qwen2.5-1.5B (151936) and 7B+ (152064) are: RAST must align them.

@@ -14,7 +14,7 @@ from jaxrast.toy.task import ChainTask
 def style_stats(engine, task: ChainTask, rows: list[dict], k: int = 4, seed: int = 0,
                 temperature: float = 1.0, top_p: float = 0.95) -> dict[str, float]:
     """Sampled answers: stepwise share, accuracy of each style, avg@k, written-step accuracy."""
-    from jaxrast.decoding import SamplingParams
+    from jaxrast.rast.decoding import SamplingParams
 
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=64, n=k, seed=seed)
     results = engine.generate([r["question"] for r in rows], params, progress=False)
@@ -34,7 +34,7 @@ def style_stats(engine, task: ChainTask, rows: list[dict], k: int = 4, seed: int
 
 def drill_accuracy(engine, task: ChainTask, n: int = 300, seed: int = 1) -> dict[str, float]:
     """Greedy accuracy of single steps per operation, prompted as drill lines 'F 374+05='."""
-    from jaxrast.decoding import SamplingParams
+    from jaxrast.rast.decoding import SamplingParams
 
     rng = np.random.default_rng(seed)
     out = {}

@@ -4,7 +4,7 @@
 # Without HOSTS the command runs here as one process (a single box: nothing to coordinate).
 # With HOSTS="gpu-0 gpu-1 ..." it starts the same command on every host over ssh, with the
 # environment jax.distributed.initialize() reads: JAX_COORDINATOR_ADDRESS (the first host),
-# JAX_NUM_PROCESSES and JAX_PROCESS_ID. Under SLURM, use `srun` instead (see README.md).
+# JAX_NUM_PROCESSES and JAX_PROCESS_ID. Under SLURM, use `srun` instead (see docs/multi-host.md).
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" "$@"
 

@@ -1,0 +1,2 @@
+"""Evaluation: extract a final answer, judge it against the gold (the leaf), grade in-process
+or in a worker pool, metrics and reports."""

@@ -1,0 +1,62 @@
+"""The KV cache of one model: keys and values of every layer for a fixed number of slots."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxrast.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer for `max_len` positions per row.
+
+    k:     one array per layer, [batch, kv_heads, head_dim, max_len] (keys transposed)
+    v:     one array per layer, [batch, kv_heads, max_len, head_dim]
+           (separate arrays per layer so each step updates them in place, no stacking copy)
+    mask:  [batch, max_len] bool, True where the position holds a real (non-pad) token
+    index: the next position to write: [] int32 when every row writes at the same
+           position (a static batch, left-padded), or [batch] int32, one per row (the
+           engine's slots, each at its own length)
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, *, per_row: bool = False,
+             mask: bool = False) -> "KVCache":
+        """Zeros; `per_row`: one write index per row; `mask`: the initial mask value."""
+        k_shape = (batch, cfg.num_key_value_heads, cfg.head_dim, max_len)
+        v_shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        layers = range(cfg.num_hidden_layers)
+        return cls(
+            k=tuple(jnp.zeros(k_shape, dtype) for _ in layers),
+            v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
+            mask=jnp.full((batch, max_len), mask, bool),
+            index=jnp.zeros((batch,) if per_row else (), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.mask.shape[1]
+
+    def time_axes(self) -> "KVCache":
+        """The same structure holding each array's slot axis (-1: none), for code that
+        resizes caches array by array (decoding grows them as it goes)."""
+        return KVCache(k=(3,) * len(self.k), v=(2,) * len(self.v), mask=1, index=-1)
+
+
+def write(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """`new` [batch, ..., t, ...] written into `cache` along `axis` at `index`: one
+    position for all rows ([] index, a dynamic slice) or each row at its own ([batch]
+    index, a vmapped slice that lowers to one scatter)."""
+    new = new.astype(cache.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=axis)
+    one = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=axis - 1)  # noqa: E731
+    return jax.vmap(one)(cache, new, index)

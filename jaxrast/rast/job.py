@@ -1,0 +1,168 @@
+"""A decoding job: dataset rows -> prompts -> RAST completions appended to a JSONL file.
+
+The output is resumable: rows are appended (and fsync'ed) as each batch finishes, and a
+rerun of the same command skips every (id, sample) already written. A row's random stream
+depends only on (seed, id, sample), so resumed rows are the rows an uninterrupted run
+would have produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import zlib
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import Field
+
+from jaxrast.data.jsonl import append_rows, finished_everywhere
+from jaxrast.data.prompts import encode_prompts, get_template, render
+from jaxrast.models.cache import ModelCache
+from jaxrast.runtime.config import Finite, NonNegative, Positive, Texts, config_dataclass
+from jaxrast.runtime.distributed import is_main, on_every_process, process_count
+
+DEFAULT_STOP = ("\nQuestion:",)  # the paper's prompt: base models go on to invent a next question
+
+
+@config_dataclass
+class DecodeConfig:
+    base: str | None = None
+    pairs: tuple[tuple[str, str, Finite], ...] = ()  # ((rl_path, ref_path, lam), ...)
+    mode: Literal["auto", "base", "rl", "rast"] = "auto"
+    dataset: str = "math500"  # benchmark name or JSONL file with id + question
+    fields: dict[str, str] | None = None  # field map for a custom dataset (see jaxrast.data.rows.FieldMap)
+    limit: Positive | None = None  # first N rows only
+    prompt_template: str = "paper"  # "paper", "qwen_boxed" or a format string over the row
+    temperature: Annotated[Finite, Field(ge=0)] = 1.0  # 0: greedy
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    top_k: NonNegative = 0  # 0: off
+    n: Positive = 1
+    max_new_tokens: Positive = 1024
+    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    stop: Texts = DEFAULT_STOP
+    min_tokens: NonNegative = 0  # stops cannot end a row before this many tokens (a thinking budget)
+    continue_text: str = ""  # emitted instead of a stop id sampled before min_tokens (s1 budget forcing)
+    lam_schedule: str = "constant"
+    out: str = "results.jsonl"
+    batch_size: Positive = 16
+    cache_segments: Positive = 8  # KV caches grow in ~this many steps (1: one full-length cache, fewer compiles)
+    workers: Positive | None = None  # concurrent slot groups (None: 2 on one CPU device, else 1)
+    scheduler: Literal["continuous", "static"] = "continuous"  # the engine, or static batches (benchmarks)
+    steps_per_call: Positive = 32  # engine decode steps per device call
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
+    mesh: str | None = None  # "data,fsdp,tensor", e.g. "1,-1,1"; None: one device
+    allow_pickle: bool = False
+    save_token_ids: bool = False  # also write prompt_ids and token_ids: exact input for `jaxrast analyze`
+    # per-step top tokens of base / delta / combined for rows "ID" or "ID:SAMPLE" decoded in this
+    # run, teacher-forced afterwards (see jaxrast.analysis.teacher_forcing); written to trace_out
+    trace_rows: Texts = ()
+    trace_top_k: Positive = 5
+    trace_out: str | None = None  # default: <out without .jsonl>.trace.jsonl
+
+    def resolved_mode(self) -> str:
+        if self.mode == "auto":
+            return "rast" if self.pairs else "base"
+        return self.mode
+
+
+def row_uid(row_id: str) -> int:
+    """A stable 31-bit integer per row id: the row's random stream does not depend on order."""
+    return zlib.crc32(str(row_id).encode()) & 0x7FFFFFFF
+
+
+def load_decode_models(cfg: DecodeConfig, mode: str, load: ModelCache) -> tuple[Any, list, Any]:
+    """(model decoded, its pairs, tokenizer) for `mode`: the rl model alone, the base alone
+    (the small models are never loaded) or the base with every pair."""
+    from jaxrast.rast.ensemble import Pair
+
+    if mode in ("rast", "rl") and not cfg.pairs:
+        raise ValueError(f"mode {mode!r} needs a pair: --pair RL REF LAM (or --rl/--ref/--lam).")
+    if mode in ("rast", "base") and not cfg.base:
+        raise ValueError(f"mode {mode!r} needs --base.")
+    if mode == "rl":  # the small RL model alone: neither the base nor any ref is loaded
+        return load(cfg.pairs[0][0]), [], load.tokenizer
+    base = load(cfg.base)
+    pairs = [Pair(load(rl), load(ref), float(lam)) for rl, ref, lam in cfg.pairs] if mode == "rast" else []
+    return base, pairs, load.tokenizer
+
+
+@dataclasses.dataclass
+class DecodeRun:
+    """What a finished job hands back: its summary and, for rows `keep` selected, the
+    decoded trajectories with the models that made them (the CLI traces them)."""
+
+    summary: dict[str, Any]
+    engine: Any = None
+    kept: list[tuple[list[int], list[int], str, int]] = dataclasses.field(default_factory=list)
+
+
+def run_decode(cfg: DecodeConfig, progress: bool | None = None,
+               keep: Callable[[str, int], bool] | None = None) -> DecodeRun:
+    """Runs the job; returns its summary (rows written, skipped, tokens) and the rows `keep`
+    selects as (prompt_ids, token_ids, id, sample).
+
+    In a multi-process run every process decodes (each feeding its devices' slices of the
+    batch) and only process 0 reads and writes `cfg.out`, on its own file system.
+    """
+    from jaxrast.data.rows import canonical_name, is_benchmark, load_rows
+    from jaxrast.rast.decoding import RAST, SamplingParams
+    from jaxrast.runtime.mesh import parse_mesh
+
+    mode = cfg.resolved_mode()
+    template = get_template(cfg.prompt_template)
+    rows = on_every_process(lambda: load_rows(cfg.dataset, cfg.fields, require_answer=False), "reading the dataset")
+    rows = rows[: cfg.limit]
+    benchmark = canonical_name(cfg.dataset) if cfg.fields is None and is_benchmark(cfg.dataset) else None
+    lams = [float(p[2]) for p in cfg.pairs] if mode == "rast" else []
+    # checked before any model is loaded
+    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            max_new_tokens=cfg.max_new_tokens, n=cfg.n, stop_strings=tuple(cfg.stop),
+                            seed=cfg.seed, min_tokens=cfg.min_tokens, continue_text=cfg.continue_text)
+    # Everything that shapes a row's text: rows written under other settings must not be mixed in.
+    models = {"rl": [cfg.pairs[0][0]] if cfg.pairs else [], "base": [cfg.base],
+              "rast": [cfg.base, *(str(path) for p in cfg.pairs for path in p[:2])]}[mode]
+    run = {"seed": cfg.seed, "mode": mode, "lam": lams, "temperature": cfg.temperature, "top_p": cfg.top_p,
+           "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop),
+           "lam_schedule": cfg.lam_schedule if mode == "rast" else None, "prompt_template": template,
+           "models": models, "min_tokens": cfg.min_tokens, "continue_text": cfg.continue_text}
+    finished = finished_everywhere(cfg.out, run)
+    todo = [r for r in rows if any((r["id"], s) not in finished for s in range(cfg.n))]
+    result = DecodeRun({"rows": len(rows), "skipped": len(rows) - len(todo), "written": 0, "tokens": 0,
+                        "out": cfg.out})
+    if not todo:
+        return result
+    # Several processes without a mesh would each decode everything on one device: use them all.
+    mesh = parse_mesh(cfg.mesh or ("1,-1,1" if process_count() > 1 else None))
+    load = ModelCache(dtype=cfg.dtype, mesh=mesh, allow_pickle=cfg.allow_pickle)
+    model, pairs, tok = on_every_process(lambda: load_decode_models(cfg, mode, load), "loading the models")
+    if tok is None:
+        raise ValueError("the checkpoint has no tokenizer files; decoding text needs one.")
+    engine = result.engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
+                                  batch_size=cfg.batch_size, cache_segments=cfg.cache_segments, workers=cfg.workers,
+                                  scheduler=cfg.scheduler, steps_per_call=cfg.steps_per_call)
+    prompts = [render(template, r) for r in todo]
+    prompt_ids = encode_prompts(tok, prompts)  # once: decoding and --save-token-ids share them
+    main = is_main()
+    if main:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with open(cfg.out, "a", encoding="utf-8") if main else contextlib.nullcontext() as out:
+        for batch in engine.generate_iter(prompt_ids, params, row_ids=[row_uid(r["id"]) for r in todo],
+                                          progress=progress if main else False):
+            records = []
+            for c in batch:
+                row = todo[c.index]
+                if (row["id"], c.sample) in finished:
+                    continue  # written before a crash; the new sample is identical
+                record = {"id": row["id"], "benchmark": benchmark, "prompt": prompts[c.index], "sample": c.sample,
+                          "completion": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason, **run}
+                if cfg.save_token_ids:
+                    record.update(prompt_ids=prompt_ids[c.index], token_ids=c.token_ids)
+                if keep is not None and keep(row["id"], c.sample):
+                    result.kept.append((prompt_ids[c.index], c.token_ids, row["id"], c.sample))
+                records.append(record)
+                result.summary["tokens"] += c.num_tokens
+            if out is not None:
+                append_rows(out, records)
+            result.summary["written"] += len(records)
+    return result

@@ -1,0 +1,130 @@
+"""Requests to the engine and their host-side state: settings, tokens so far, the text a
+stream may show, stop strings, and how a finished request becomes a `Completion`."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+
+Mode = Literal["rast", "base", "rl"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestParams:
+    """One request's settings. lam: one weight per loaded pair (None: the engine's
+    defaults); mode 'base' decodes the base alone (every λ = 0), 'rl' the first pair's rl
+    model alone. min_tokens: stop ids (and stop strings) cannot end the row before it has
+    this many tokens; continue_ids: tokens emitted instead of a stop id sampled before then
+    (s1-style budget forcing, e.g. the ids of "Wait")."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_tokens: int = 0
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    lam: tuple[float, ...] | None = None
+    mode: Mode = "rast"
+    continue_ids: tuple[int, ...] = ()
+    seed: int = 0
+    row_id: int = 0
+    sample: int = 0
+
+
+@dataclasses.dataclass
+class Update:
+    """What a streaming consumer receives after each decode call that touched its request."""
+
+    token_ids: list[int]  # new tokens
+    text: str  # new text that can be shown (no partial stop string, no partial character)
+    logprobs: list[float]
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" once finished
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A prompt, its settings, and (filled in by the scheduler) what it has produced."""
+
+    prompt_ids: list[int]
+    params: RequestParams
+    tag: Any = None  # the caller's key (e.g. (prompt index, sample))
+    on_update: Callable[[Update], None] | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    entropies: list[float] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cancelled: bool = False
+    shown: int = 0  # characters of the text already streamed
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def find_stop_string(decode: Callable[[list[int]], str], ids: Sequence[int], stops: Sequence[str],
+                     after_tokens: int = 0) -> tuple[int, str] | None:
+    """(tokens up to and including the one completing the first stop string, the text
+    before it), or None. Only occurrences completed after the first `after_tokens` tokens
+    count (min_tokens)."""
+    if not stops or len(ids) <= after_tokens:
+        return None
+    text = decode(list(ids))
+    floor = len(decode(list(ids[:after_tokens]))) if after_tokens else 0
+    found = [i for s in stops for i in [text.find(s, max(0, floor - len(s) + 1))] if i >= 0]
+    if not found:
+        return None
+    first = min(found)
+    lo, hi = max(1, after_tokens + 1), len(ids)  # the smallest prefix whose text holds that stop string
+    while lo < hi:
+        mid = (lo + hi) // 2
+        head = decode(list(ids[:mid]))
+        if any(0 <= head.find(s, max(0, floor - len(s) + 1)) <= first for s in stops):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, text[:first]
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters a stream must hold back: a partial character (the
+    tokenizer's U+FFFD while a multi-byte character is incomplete) or the start of a stop
+    string, which must never be shown if the stop string completes."""
+    keep = 0
+    if text.endswith("\ufffd"):
+        keep = len(text) - len(text.rstrip("\ufffd"))
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:n]):
+                keep = n
+                break
+    return keep
+
+
+def settings_arrays(requests: Sequence[Request], *, pairs: int, default_lam: np.ndarray, max_stop_ids: int,
+                    max_forced: int, vocab: int) -> dict[str, np.ndarray]:
+    """The engine's per-slot settings ([B, ...] arrays) of requests about to be admitted;
+    `stream` [B, 3] (seed, row id, sample) becomes each row's PRNG key in the admit program."""
+    b = len(requests)
+    lam = np.zeros((b, max(pairs, 1)), np.float32)
+    stop_ids = np.full((b, max_stop_ids), vocab, np.int32)
+    forced = np.zeros((b, max_forced), np.int32)
+    for r, req in enumerate(requests):
+        p = req.params
+        if p.mode == "rast":
+            lam[r, :pairs] = default_lam if p.lam is None else p.lam
+        stop_ids[r, :len(p.stop_ids)] = p.stop_ids
+        forced[r, :len(p.continue_ids)] = p.continue_ids
+    get = lambda name, dtype: np.array([getattr(q.params, name) for q in requests], dtype)  # noqa: E731
+    return {"token": np.array([q.prompt_ids[-1] for q in requests], np.int32),
+            "budget": get("max_tokens", np.int32), "min_tokens": get("min_tokens", np.int32), "lam": lam,
+            "rl_only": np.array([q.params.mode == "rl" for q in requests]),
+            "temperature": get("temperature", np.float32), "top_p": get("top_p", np.float32),
+            "top_k": get("top_k", np.int32), "stop_ids": stop_ids, "forced": forced,
+            "stream": np.array([[q.params.seed, q.params.row_id, q.params.sample] for q in requests], np.uint32),
+            "forced_len": np.array([len(q.params.continue_ids) for q in requests], np.int32)}

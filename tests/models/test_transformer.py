@@ -1,0 +1,111 @@
+"""Logit parity of the NNX decoder with transformers' PyTorch Qwen2/Llama (float32 and bf16)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from jaxrast.models.hf import load_model
+from jaxrast.models.kv_cache import KVCache
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+CONFIGS = {
+    "qwen2-untied-gqa2": ("qwen2", dict(kv_heads=2)),
+    "qwen2-tied-gqa4": ("qwen2", dict(tie=True, kv_heads=1)),
+    "qwen2-mha-gqa1": ("qwen2", dict(kv_heads=4, theta=1e6)),
+    "qwen2-padded-vocab": ("qwen2", dict(vocab=96)),
+    "llama3-rope-scaling": ("llama", dict(rope_scaling=LLAMA3)),
+    "llama-biases": ("llama", dict(bias=True)),  # attention_bias covers q/k/v *and* o_proj in llama
+}
+ATOL_F32 = 1e-4
+# bfloat16 keeps 8 mantissa bits; logits of magnitude ~10 after 2 layers differ by up to
+# a few tenths. The bound is relative to the logit scale.
+BF16_REL = 0.08
+
+
+def torch_logits(directory, ids):
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ref(torch.tensor(np.asarray(ids))).logits.numpy()
+
+
+def random_ids(seed, shape, high=46):
+    return np.random.RandomState(seed).randint(3, high, size=shape)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_full_forward_parity_long_prompt(ckpt_dir, name):
+    kind, kw = CONFIGS[name]
+    d = ckpt_dir(kind, **kw)
+    model, cfg, tok = load_model(d)
+    ids = random_ids(0, (2, 320))
+    logits, cache = model(jnp.asarray(ids))
+    assert cache is None
+    chex.assert_shape(logits, (2, 320, cfg.vocab_size))
+    assert logits.dtype == jnp.float32
+    ref = torch_logits(d, ids)
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=ATOL_F32, rtol=0)
+
+
+def test_logits_from_and_last_only_slice_the_full_forward(ckpt_dir):
+    model, cfg, _ = load_model(ckpt_dir("qwen2", tie=True, kv_heads=1))
+    ids = jnp.asarray(random_ids(3, (2, 40)))
+    full, _ = model(ids)
+    tail, _ = model(ids, logits_from=25)
+    last, _ = model(ids, last_only=True)
+    chex.assert_shape(tail, (2, 15, cfg.vocab_size))
+    np.testing.assert_allclose(np.asarray(tail), np.asarray(full[:, 25:]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["qwen2-untied-gqa2", "llama3-rope-scaling"])
+def test_left_padded_prefill_and_cached_decode_parity(ckpt_dir, name):
+    """Rows of different lengths, left padded; prefill then 1 token per step with the cache."""
+    kind, kw = CONFIGS[name]
+    d = ckpt_dir(kind, **kw)
+    model, cfg, _ = load_model(d)
+    lengths, extra, width = [250, 180, 97], 24, 250
+    rows = [random_ids(i + 1, (n + extra,)) for i, n in enumerate(lengths)]
+    prompt = np.zeros((3, width), np.int32)
+    mask = np.zeros((3, width), bool)
+    for i, n in enumerate(lengths):
+        prompt[i, width - n:] = rows[i][:n]
+        mask[i, width - n:] = True
+    cache = KVCache.init(cfg, batch=3, max_len=width + extra)
+    step = jax.jit(lambda tokens, m, c: model(tokens, attention_mask=m, cache=c, last_only=True))
+    logits, cache = step(jnp.asarray(prompt), jnp.asarray(mask), cache)
+    got = [np.asarray(logits[:, 0])]
+    positions = mask.sum(1)
+    decode = jax.jit(lambda tokens, pos, c: model(tokens, pos, cache=c))
+    for t in range(extra - 1):
+        nxt = np.array([r[n + t] for r, n in zip(rows, lengths)])[:, None]
+        logits, cache = decode(jnp.asarray(nxt), jnp.asarray(positions[:, None] + t), cache)
+        got.append(np.asarray(logits[:, 0]))
+    got = np.stack(got, 1)  # [batch, extra, vocab]
+    for i, n in enumerate(lengths):
+        ref = torch_logits(d, rows[i][None, : n + extra - 1])[0, n - 1:]
+        np.testing.assert_allclose(got[i], ref, atol=ATOL_F32, rtol=0)
+
+
+def test_bfloat16_within_documented_bound(ckpt_dir):
+    d = ckpt_dir("qwen2")
+    model, _, _ = load_model(d, dtype="bfloat16")
+    assert model.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    ids = random_ids(3, (2, 128))
+    logits, _ = model(jnp.asarray(ids))
+    ref = torch_logits(d, ids)
+    err = np.abs(np.asarray(logits) - ref).max()
+    assert err <= BF16_REL * np.abs(ref).max(), err
+    # The argmax agrees almost everywhere.
+    assert (np.asarray(logits).argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def test_param_dtype_separate_from_compute_dtype(ckpt_dir):
+    model, _, _ = load_model(ckpt_dir("qwen2"), dtype="bfloat16", param_dtype="float32")
+    assert model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
+    logits, _ = model(jnp.asarray(random_ids(0, (1, 8))))
+    assert logits.dtype == jnp.float32
