@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "eval": "jaxrast.commands.eval",
     "plan": "jaxrast.commands.plan",
     "plot-train": "jaxrast.commands.plot_train",
+    "serve": "jaxrast.commands.serve",
     "train": "jaxrast.commands.train",
 }
 

@@ -112,12 +112,12 @@ class RAST(StaticBatches):
     _completion = staticmethod(lambda *args: Completion(*args))
 
     def engine_for(self, max_len: int, *, logprobs: bool = False, entropies: bool = False,
-                   max_stop_ids: int = 4, max_forced: int = 16) -> Scheduler:
+                   max_stop_ids: int = 4, max_forced: int = 16, top_logprobs: int = 0) -> Scheduler:
         """The scheduler over this RAST's slot groups for slots of `max_len` positions (built
         on first use; one is kept, so its KV caches are reused by later calls)."""
         spec = EngineSpec(max_slots=self.program_batch, max_len=max_len, steps=self.steps_per_call,
                           prefill_batch=self.prefill_batch, max_stop_ids=max_stop_ids, max_forced=max_forced,
-                          logprobs=logprobs, entropies=entropies)
+                          logprobs=logprobs, entropies=entropies, top_logprobs=top_logprobs)
         if self._scheduler is None or self._scheduler[0] != spec:
             self._scheduler = None  # drop the old caches before the new ones are allocated
             rl = self.ensemble.index(self.pairs[0].rl) if self.pairs else None

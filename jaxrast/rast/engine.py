@@ -84,6 +84,8 @@ class StepOutput:
 
     tokens: jax.Array  # [S, steps] int32
     logprobs: jax.Array  # [S, steps] float32 log p(token) under z (τ = 1, unfiltered); 0 when off
+    top_ids: jax.Array  # [S, steps, top_logprobs] int32 the most likely tokens under z (with top_logprobs)
+    top_logprobs: jax.Array  # [S, steps, top_logprobs] float32 their log-probs
     entropies: jax.Array  # [S, steps] float32 entropy of softmax(z / τ); 0 when off
     count: jax.Array  # [S] int32
     finished: jax.Array  # [S] bool: the slot's row ended in this call
@@ -106,6 +108,7 @@ class EngineSpec:
     max_forced: int = 16  # tokens of a continue text
     logprobs: bool = False  # record log p(token) per step
     entropies: bool = False  # record the entropy of softmax(z / τ) per step
+    top_logprobs: int = 0  # record this many most likely tokens per step (the API's top_logprobs)
 
     def __post_init__(self):
         for name in ("max_slots", "max_len", "steps", "prefill_batch", "prefill_chunk", "max_stop_ids", "max_forced"):
@@ -273,19 +276,23 @@ class Engine:
         forced_pos = jnp.where(forcing | start, at + 1, -1)
         forced_pos = jnp.where(forced_pos >= slots.forced_len, -1, forced_pos)
         stopped = is_stop & ~(forcing | start)
-        logp = (jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tok[:, None], axis=-1)[:, 0]
+        log_z = jax.nn.log_softmax(z, axis=-1) if self.spec.logprobs or self.spec.top_logprobs else None
+        logp = (jnp.take_along_axis(log_z, tok[:, None], axis=-1)[:, 0]
                 if self.spec.logprobs else jnp.zeros(tok.shape, jnp.float32))
+        top = jax.lax.top_k(log_z, self.spec.top_logprobs) if self.spec.top_logprobs else None
         ent = row_entropies(z, slots.temperature) if self.spec.entropies else jnp.zeros(tok.shape, jnp.float32)
         act = slots.active
         done = stopped | (slots.generated + 1 >= slots.budget)
         slots = slots.replace(token=jnp.where(act, tok, slots.token), length=slots.length + act,
                               generated=slots.generated + act, active=act & ~done,
                               forced_pos=jnp.where(act, forced_pos, slots.forced_pos))
-        return tuple(new_caches), slots, (tok, logp, ent, act, act & done, act & stopped)
+        return tuple(new_caches), slots, (tok, logp, ent, top, act, act & done, act & stopped)
 
     def _empty_output(self) -> StepOutput:
-        s, steps = self.spec.max_slots, self.spec.steps
+        s, steps, k = self.spec.max_slots, self.spec.steps, self.spec.top_logprobs
         return StepOutput(tokens=jnp.zeros((s, steps), jnp.int32), logprobs=jnp.zeros((s, steps), jnp.float32),
+                          top_ids=jnp.zeros((s, steps, k), jnp.int32),
+                          top_logprobs=jnp.zeros((s, steps, k), jnp.float32),
                           entropies=jnp.zeros((s, steps), jnp.float32), count=jnp.zeros((s,), jnp.int32),
                           finished=jnp.zeros((s,), bool), stopped=jnp.zeros((s,), bool),
                           steps=jnp.zeros((), jnp.int32))
@@ -304,7 +311,7 @@ class Engine:
 
         def body(carry):
             caches, slots, out = carry
-            caches, slots, (tok, logp, ent, act, done, stopped) = self._step(models, caches, slots)
+            caches, slots, (tok, logp, ent, top, act, done, stopped) = self._step(models, caches, slots)
             i = out.steps
             out = out.replace(tokens=column(out.tokens, tok, i), count=out.count + act, finished=out.finished | done,
                               stopped=out.stopped | stopped, steps=i + 1)
@@ -312,6 +319,9 @@ class Engine:
                 out = out.replace(logprobs=column(out.logprobs, logp, i))
             if self.spec.entropies:
                 out = out.replace(entropies=column(out.entropies, ent, i))
+            if top is not None:
+                out = out.replace(top_logprobs=column(out.top_logprobs, top[0], i),
+                                  top_ids=column(out.top_ids, top[1].astype(jnp.int32), i))
             return caches, slots, out
 
         caches, slots, out = jax.lax.while_loop(cond, body, (state.caches, slots, out))

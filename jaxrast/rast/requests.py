@@ -42,7 +42,7 @@ class Update:
     token_ids: list[int]  # new tokens
     text: str  # new text that can be shown (no partial stop string, no partial character)
     logprobs: list[float]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" once finished
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" once finished
 
 
 @dataclasses.dataclass(eq=False)
@@ -56,10 +56,12 @@ class Request:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     entropies: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per token
     text: str = ""
     finish_reason: str | None = None
     cancelled: bool = False
     shown: int = 0  # characters of the text already streamed
+    submitted: float = 0.0  # time.perf_counter() when queued (latency metrics)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @property

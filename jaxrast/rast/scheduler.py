@@ -111,6 +111,9 @@ class SlotGroup:
                 req.logprobs += out.logprobs[slot, :n].tolist()
             if self.spec.entropies:
                 req.entropies += out.entropies[slot, :n].tolist()
+            if self.spec.top_logprobs:
+                req.top_logprobs += [list(zip(ids.tolist(), vals.tolist()))
+                                     for ids, vals in zip(out.top_ids[slot, :n], out.top_logprobs[slot, :n])]
             reason, text = None, None
             if req.cancelled:
                 reason = "cancelled"
@@ -119,7 +122,7 @@ class SlotGroup:
                                        after_tokens=req.params.min_tokens)
                 if hit is not None:
                     count, text = hit
-                    del req.token_ids[count:], req.logprobs[count:], req.entropies[count:]
+                    del req.token_ids[count:], req.logprobs[count:], req.entropies[count:], req.top_logprobs[count:]
                     reason = "stop"
             if reason is None and out.finished[slot]:
                 reason = "stop" if out.stopped[slot] else "length"
@@ -155,6 +158,14 @@ class SlotGroup:
         return req
 
 
+def cancel(req: Request) -> None:
+    """Ends a request that never reached a slot."""
+    req.finish_reason = "cancelled"
+    if req.on_update is not None:
+        req.on_update(Update([], "", [], finish_reason="cancelled"))
+    req.done.set()
+
+
 class Scheduler:
     """Runs requests through slot groups. `run(requests)` decodes a known set of requests
     (each group on its own thread when there are several) and yields the finished ones."""
@@ -168,6 +179,9 @@ class Scheduler:
         self.groups = [SlotGroup(e, decode, lam, self.stats) for e in engines]
         self.queue: collections.deque[Request] = collections.deque()
         self.lock = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self.errors: list[BaseException] = []
 
     @property
     def max_len(self) -> int:
@@ -204,9 +218,8 @@ class Scheduler:
             taken = []
             while self.queue and len(taken) < count:
                 req = self.queue.popleft()
-                if req.cancelled:
-                    req.finish_reason = "cancelled"
-                    req.done.set()
+                if req.cancelled:  # cancelled while waiting: it never takes a slot
+                    cancel(req)
                     continue
                 taken.append(req)
             return taken
@@ -280,3 +293,54 @@ class Scheduler:
                     req.cancelled = True
             for t in threads:
                 t.join()
+
+    # ---- serving: the groups decode on their own threads until stopped ----------------------
+
+    @property
+    def running(self) -> int:
+        return sum(len(g.slots) for g in self.groups)
+
+    def start(self) -> None:
+        """Serve: every group decodes on its own thread, admitting what `submit` queues."""
+        for engine in {id(g.engine): g.engine for g in self.groups}.values():
+            engine.refresh()
+        self._stopping.clear()
+        self._threads = [threading.Thread(target=self._serve, args=(g,), name=f"jaxrast-engine-{i}", daemon=True)
+                         for i, g in enumerate(self.groups)]
+        for t in self._threads:
+            t.start()
+
+    def _serve(self, group: SlotGroup) -> None:
+        while True:
+            with self.lock:
+                while not self.queue and not group.slots and not self._stopping.is_set():
+                    self.lock.wait(0.25)
+                if self._stopping.is_set() and not group.slots:
+                    return
+            try:
+                self._cycle(group)
+            except Exception as err:  # noqa: BLE001 - a failed call ends its requests, not the server
+                self.errors.append(err)
+                for req in list(group.slots.values()):
+                    req.cancelled = True
+                    group._finish(req, "error", "")
+                group.slots.clear()
+                group.state = group.engine.init_state()
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Stops serving: requests still running get up to `grace_s` seconds to finish, then
+        every unfinished request (queued or running) is cancelled and the threads end."""
+        deadline = time.monotonic() + grace_s
+        while (self.running or self.queue) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self.lock:
+            while self.queue:
+                cancel(self.queue.popleft())
+            for group in self.groups:
+                for req in group.slots.values():
+                    req.cancelled = True
+            self._stopping.set()
+            self.lock.notify_all()
+        for t in self._threads:
+            t.join()
+        self._threads = []

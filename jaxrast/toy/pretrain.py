@@ -46,8 +46,15 @@ class PretrainConfig:
     mix: CorpusMix = dataclasses.field(default_factory=CorpusMix)
 
 
+# The toy task has no roles: a chat is its messages' text in order (a user message is a problem),
+# so /v1/chat/completions serves the toy family as /v1/completions does.
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
 def toy_tokenizer():
-    return char_tokenizer(CHARS)
+    tok = char_tokenizer(CHARS)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 def model_config(size: str, tok) -> ModelConfig:

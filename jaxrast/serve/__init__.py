@@ -1,0 +1,1 @@
+"""Serving: RAST behind an OpenAI-compatible HTTP API (`jaxrast serve`)."""

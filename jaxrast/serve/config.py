@@ -1,0 +1,29 @@
+"""`ServeConfig`: every setting of `jaxrast serve` (YAML, `--set` and flags, validated)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from jaxrast.runtime.config import Finite, Positive, config_dataclass
+
+
+@config_dataclass
+class ServeConfig:
+    base: str | None = None
+    pairs: tuple[tuple[str, str, Finite], ...] = ()  # ((rl_path, ref_path, default λ), ...)
+    host: str = "127.0.0.1"  # loopback by default: exposing a server is a decision
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000  # 0: any free port (printed at start)
+    max_slots: Positive = 16
+    max_len: Positive | None = None  # positions per slot; default: the models' max_position_embeddings (≤ 4096)
+    max_waiting: Positive = 256
+    served_model_name: str = "jaxrast"
+    chat_template: str | None = None  # a Jinja template file
+    api_key: str | None = None
+    grace: Annotated[Finite, Field(ge=0)] = 10.0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    mesh: str | None = None
+    allow_pickle: bool = False
+    steps_per_call: Positive = 16  # decode steps per device call: streams see tokens at least this often
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] = 5  # the most alternatives a request may ask for

@@ -1,0 +1,58 @@
+"""/metrics in the Prometheus text format (prometheus_client, one registry per server):
+waiting and running requests, slot occupancy, generated tokens, time to first token and
+per-token latency histograms, finished requests by reason."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from jaxrast.serve.service import Choice, Service
+
+# latency buckets (seconds): a toy token takes ~1 ms on CPU, a 32B one ~30 ms on a TPU slice
+_TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPOT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self, service: "Service"):
+        self.registry = r = CollectorRegistry()
+        sched = service.scheduler
+        Gauge("jaxrast_requests_waiting", "Requests queued for a slot", registry=r).set_function(
+            lambda: len(sched.queue))
+        Gauge("jaxrast_requests_running", "Requests decoding in a slot", registry=r).set_function(lambda: sched.running)
+        Gauge("jaxrast_slots", "Engine slots", registry=r).set_function(lambda: sched.slots)
+        Gauge("jaxrast_slot_occupancy", "Share of slots decoding (now)", registry=r).set_function(
+            lambda: sched.running / max(sched.slots, 1))
+        Gauge("jaxrast_slot_occupancy_mean", "Share of slot-steps that produced a token since start",
+              registry=r).set_function(lambda: sched.stats.occupancy)
+        Gauge("jaxrast_decode_calls", "Engine decode calls since start", registry=r).set_function(
+            lambda: sched.stats.calls)
+        self.tokens = Counter("jaxrast_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("jaxrast_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.requests = Counter("jaxrast_requests", "Choices submitted (n per request)", registry=r)
+        self.finished_by = Counter("jaxrast_requests_finished", "Choices finished", ["finish_reason"], registry=r)
+        self.ttft = Histogram("jaxrast_time_to_first_token_seconds", "Time from submission to the first token",
+                              buckets=_TTFT, registry=r)
+        self.tpot = Histogram("jaxrast_time_per_output_token_seconds", "Time per token after the first",
+                              buckets=_TPOT, registry=r)
+        self.e2e = Histogram("jaxrast_request_latency_seconds", "Time from submission to the last token",
+                             buckets=_TTFT, registry=r)
+
+    def finished(self, choice: "Choice") -> None:
+        import time
+
+        req = choice.request
+        now = time.perf_counter()
+        n = len(req.token_ids)
+        self.tokens.inc(n)
+        self.prompt_tokens.inc(len(req.prompt_ids))
+        self.finished_by.labels(req.finish_reason or "unknown").inc()
+        self.e2e.observe(now - req.submitted)
+        if choice.first_token_at is not None and n > 1:
+            self.tpot.observe((now - choice.first_token_at) / (n - 1))
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,226 @@
+"""The OpenAI API's request and response bodies (completions, chat completions, models,
+errors), with RAST's extras, as pydantic models: one validation library for configs and
+requests. Unknown fields are ignored as OpenAI does; every known field is checked by type
+and range, so a bad request is a 400 naming the field."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+MAX_STOP = 4  # as OpenAI
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class RastExtras(BaseModel):
+    """RAST's fields beside OpenAI's (the openai client sends them with `extra_body`)."""
+
+    lam: Finite | list[Finite] | None = None  # one weight for every loaded pair, or one per pair
+    mode: Literal["rast", "base", "rl"] = "rast"
+    top_k: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0)
+    continue_text: str = ""  # emitted instead of a stop id sampled before min_tokens
+    shift: bool = False  # per-token shift statistics of the RAST column (the playground)
+
+
+class SamplingFields(RastExtras):
+    model: str
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)  # the chat API's newer name
+    temperature: Finite = Field(1.0, ge=0, le=100)
+    top_p: Finite = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    model_config = ConfigDict(extra="ignore")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("a stop sequence cannot be empty (every completion would be empty)")
+        return stops
+
+    def budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt is an empty list; give a string, a list of strings or token ids")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: the text ones
+            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=5)
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Logprobs(BaseModel):
+    """The completions API's logprobs object."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] = []
+
+
+class Shift(BaseModel):
+    """Per token of the RAST text (the `shift` extra): log-probs under the base and under RAST,
+    KL(P_RAST ‖ P_base) at its position, and the most promoted and suppressed tokens there."""
+
+    tokens: list[str]
+    logprob_base: list[float | None]  # None: -inf (a token the law excludes)
+    logprob_rast: list[float | None]
+    kl: list[float]
+    promoted: list[list[list]]  # per token: [[token, Δlogit], ...]
+    suppressed: list[list[list]]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Logprobs | None = None
+    finish_reason: str | None = None
+    shift: Shift | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[dict[str, Any]] = []
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "jaxrast"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: a non-finite statistic is sent as null."""
+    return x if math.isfinite(x) else None

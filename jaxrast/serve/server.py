@@ -1,0 +1,87 @@
+"""Builds and runs a server: load the models once, compile every program (one warm-up
+request per prompt bucket), then serve on uvicorn until SIGTERM / Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+from jaxrast.serve.config import ServeConfig
+
+
+def build_service(cfg: ServeConfig):
+    """(service, app) for `cfg`: models loaded, programs warmed up."""
+    from jaxrast.models.cache import ModelCache
+    from jaxrast.rast.decoding import RAST
+    from jaxrast.rast.ensemble import Pair
+    from jaxrast.runtime.mesh import parse_mesh
+    from jaxrast.serve.app import create_app
+    from jaxrast.serve.service import Service
+
+    if not cfg.base:
+        raise ValueError("jaxrast serve needs --base (and usually --pair RL REF LAM).")
+    mesh = parse_mesh(cfg.mesh)
+    load = ModelCache(dtype=cfg.dtype, mesh=mesh, allow_pickle=cfg.allow_pickle)
+    base = load(cfg.base)
+    pairs = [Pair(load(rl), load(ref), float(lam)) for rl, ref, lam in cfg.pairs]
+    if load.tokenizer is None:
+        raise ValueError(f"{cfg.base} has no tokenizer files; serving text needs one.")
+    template = None
+    if cfg.chat_template:
+        if not os.path.isfile(cfg.chat_template):
+            raise FileNotFoundError(f"chat template {cfg.chat_template} does not exist.")
+        template = open(cfg.chat_template, encoding="utf-8").read()
+    context = min(m.cfg.max_position_embeddings for m in [base, *(m for p in pairs for m in (p.rl, p.ref))])
+    max_len = cfg.max_len or min(context, 4096)
+    rast = RAST(base, pairs, tokenizer=load.tokenizer, mesh=mesh, batch_size=cfg.max_slots,
+                steps_per_call=cfg.steps_per_call, prefill_batch=8 if cfg.max_slots >= 8 else None)
+    service = Service(rast, max_len=max_len, max_waiting=cfg.max_waiting, model_name=cfg.served_model_name,
+                      chat_template=template, top_logprobs=cfg.top_logprobs)
+    warm_up(service)
+    return service, create_app(service, api_key=cfg.api_key, grace_s=cfg.grace)
+
+
+def warm_up(service) -> None:
+    """One request per prompt bucket (and the decode program): nothing compiles once serving."""
+    from jaxrast.rast.engine import prefill_width
+    from jaxrast.rast.requests import Request, RequestParams
+
+    max_len = service.max_len
+    widths = sorted({prefill_width(n, max_len) for n in range(1, max_len)})
+    lengths = {}
+    for n in range(1, max_len):  # the shortest prompt of each bucket that leaves room for a token
+        lengths.setdefault(prefill_width(n, max_len), n)
+    requests = [Request([3] * lengths[w], RequestParams(max_tokens=1, row_id=i)) for i, w in enumerate(widths)]
+    for _ in service.scheduler.run(requests):
+        pass
+
+
+def serve(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """SIGTERM / Ctrl-C drain the server and end the command with exit 0 (uvicorn's own
+            handling re-raises the signal once drained, so the process would die of it)."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    service, app = build_service(cfg)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
+                            timeout_graceful_shutdown=int(cfg.grace) + 1)
+    server = Server(config)
+    print(f"jaxrast serve: {cfg.served_model_name} ({cfg.base} + {len(cfg.pairs)} pair(s)), {service.slots} slots of "
+          f"{service.max_len} positions, on http://{cfg.host}:{cfg.port}", file=sys.stderr, flush=True)
+    server.run()
+    return 0
