@@ -203,12 +203,12 @@ def test_nothing_compiles_after_warm_up(server, client):
         lambda event, _d, **kw: compiles.append(event) if "backend_compile" in event else None)
     rng = random.Random(2)
     for i in range(200):
-        prompt = rng.choice(PROBLEMS)[: rng.randrange(1, 20)] if rng.random() < 0.3 else rng.choice(PROBLEMS) * \
-            rng.randrange(1, 4)
+        short = rng.random() < 0.3  # prompts of every bucket: a prefix of a problem, or one to three problems
+        prompt = rng.choice(PROBLEMS)[: rng.randrange(1, 20)] if short else rng.choice(PROBLEMS) * rng.randrange(1, 4)
+        extras = {"lam": rng.uniform(0, 2), "top_k": rng.choice([0, 5]), "mode": rng.choice(["rast", "base", "rl"])}
         client.completions.create(model="jaxrast", prompt=prompt, max_tokens=rng.randrange(1, 20), seed=i,
                                   temperature=rng.choice([0, 1.0]), top_p=rng.choice([1.0, 0.9]),
-                                  n=rng.choice([1, 2]), extra_body={"lam": rng.uniform(0, 2), "top_k": rng.choice([0, 5]),
-                                                                    "mode": rng.choice(["rast", "base", "rl"])})
+                                  n=rng.choice([1, 2]), extra_body=extras)
     assert compiles == []
 
 
