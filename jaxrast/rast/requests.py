@@ -130,3 +130,11 @@ def settings_arrays(requests: Sequence[Request], *, pairs: int, default_lam: np.
             "top_k": get("top_k", np.int32), "stop_ids": stop_ids, "forced": forced,
             "stream": np.array([[q.params.seed, q.params.row_id, q.params.sample] for q in requests], np.uint32),
             "forced_len": np.array([len(q.params.continue_ids) for q in requests], np.int32)}
+
+
+def cancel(req: Request) -> None:
+    """Ends a request that never reached a slot."""
+    req.finish_reason = "cancelled"
+    if req.on_update is not None:
+        req.on_update(Update([], "", [], finish_reason="cancelled"))
+    req.done.set()

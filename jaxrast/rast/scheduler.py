@@ -14,156 +14,36 @@ import collections
 import functools
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 
-from jaxrast.rast.engine import Engine, prefill_width
-from jaxrast.rast.requests import Request, Update, find_stop_string, held_back, settings_arrays
-from jaxrast.runtime.distributed import host_array
+from jaxrast.rast.engine import Engine
+from jaxrast.rast.requests import Request, cancel
+from jaxrast.rast.slot_group import SlotGroup, Stats
+from jaxrast.runtime.distributed import broadcast_json
 
 
-class Stats:
-    """Counters for progress bars and /metrics: tokens, finished rows, slot occupancy."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.tokens = self.finished = self.calls = 0
-        self.slot_steps = self.busy_slot_steps = 0
-        self.start = time.perf_counter()
-
-    def record(self, *, tokens: int, finished: int, steps: int, busy: int, slots: int) -> None:
-        with self.lock:
-            self.tokens += tokens
-            self.finished += finished
-            self.calls += 1
-            self.slot_steps += steps * slots
-            self.busy_slot_steps += busy
-
-    @property
-    def occupancy(self) -> float:
-        return self.busy_slot_steps / self.slot_steps if self.slot_steps else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+def _as_json(x):
+    """A plan as JSON: numpy arrays become {"array": nested lists, "dtype": name}."""
+    if isinstance(x, np.ndarray):
+        return {"array": x.tolist(), "dtype": str(x.dtype)}
+    if isinstance(x, dict):
+        return {k: _as_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_as_json(v) for v in x]
+    return x.item() if isinstance(x, np.generic) else x
 
 
-class SlotGroup:
-    """One engine's slots and the requests in them; `cycle()` admits, decodes once and
-    hands back the requests that finished."""
-
-    def __init__(self, engine: Engine, decode_text: Callable[[list[int]], str], default_lam: np.ndarray,
-                 stats: Stats):
-        self.engine, self.decode_text, self.default_lam, self.stats = engine, decode_text, default_lam, stats
-        self.spec = engine.spec
-        self.state = engine.init_state()
-        self.slots: dict[int, Request] = {}
-        self.release = np.zeros(self.spec.max_slots, bool)
-
-    @property
-    def free(self) -> list[int]:
-        return [s for s in range(self.spec.max_slots) if s not in self.slots]
-
-    def admit(self, requests: Sequence[Request]) -> None:
-        """Prefill and insert `requests` (at most as many as free slots), one admit call per
-        prompt-width bucket and `prefill_batch` rows."""
-        free = self.free
-        by_width: dict[int, list[Request]] = collections.defaultdict(list)
-        for req in requests:
-            by_width[prefill_width(len(req.prompt_ids), self.spec.max_len)].append(req)
-        size = self.spec.prefill_batch
-        for width, group in by_width.items():
-            for start in range(0, len(group), size):
-                chunk = group[start:start + size]
-                slot_ids = np.full(size, self.spec.max_slots, np.int32)
-                tokens = np.zeros((size, width), np.int32)
-                prefix = np.zeros(size, np.int32)
-                for r, req in enumerate(chunk):
-                    slot = free.pop(0)
-                    slot_ids[r], self.slots[slot], self.release[slot] = slot, req, False
-                    ids = req.prompt_ids[:-1]
-                    tokens[r, :len(ids)], prefix[r] = ids, len(ids)
-                padded = chunk + [chunk[-1]] * (size - len(chunk))  # padding rows are dropped by slot id
-                settings = settings_arrays(padded, pairs=self.engine.num_pairs, default_lam=self.default_lam,
-                                           max_stop_ids=self.spec.max_stop_ids, max_forced=self.spec.max_forced,
-                                           vocab=self.engine.vocab)
-                self.state = self.engine.admit(self.state, tokens, prefix, slot_ids, settings)
-
-    def cycle(self, waiting: int) -> list[Request]:
-        """One decode call; returns the requests it finished. `waiting`: requests wait for a
-        slot, so the call returns once min(waiting, slots / 8) slots free: refilling after
-        every finished row would cost a call and an admit per row (0.3 ms each on CPU, as much
-        as a toy decode step), while a slot idles only until the call returns."""
-        for slot, req in list(self.slots.items()):  # cancelled while waiting for this call
-            if req.cancelled:
-                self.release[slot] = True
-        exit_after = min(waiting, max(1, self.spec.max_slots // 8)) if waiting else self.spec.max_slots + 1
-        self.state, out = self.engine.decode(self.state, self.release, exit_after)
-        self.release[:] = False
-        out = host_array(out)  # every process of a multi-process run reads the same
-        finished = []
-        for slot, req in list(self.slots.items()):
-            n = int(out.count[slot])
-            new = out.tokens[slot, :n].tolist()
-            req.token_ids += new
-            if self.spec.logprobs:
-                req.logprobs += out.logprobs[slot, :n].tolist()
-            if self.spec.entropies:
-                req.entropies += out.entropies[slot, :n].tolist()
-            if self.spec.top_logprobs:
-                req.top_logprobs += [list(zip(ids.tolist(), vals.tolist()))
-                                     for ids, vals in zip(out.top_ids[slot, :n], out.top_logprobs[slot, :n])]
-            reason, text = None, None
-            if req.cancelled:
-                reason = "cancelled"
-            elif n and req.params.stop_strings:
-                hit = find_stop_string(self.decode_text, req.token_ids, req.params.stop_strings,
-                                       after_tokens=req.params.min_tokens)
-                if hit is not None:
-                    count, text = hit
-                    del req.token_ids[count:], req.logprobs[count:], req.entropies[count:], req.top_logprobs[count:]
-                    reason = "stop"
-            if reason is None and out.finished[slot]:
-                reason = "stop" if out.stopped[slot] else "length"
-            if reason is not None:
-                del self.slots[slot]
-                self.release[slot] = not out.finished[slot]  # still active on the device
-                finished.append(self._finish(req, reason, text))
-            elif new:
-                self._stream(req, new, n)
-        self.stats.record(tokens=int(out.count.sum()), finished=len(finished), steps=int(out.steps),
-                          busy=int(out.count.sum()), slots=self.spec.max_slots)
-        return finished
-
-    def _stream(self, req: Request, new: list[int], n: int) -> None:
-        if req.on_update is None:
-            return
-        text = self.decode_text(req.token_ids)
-        safe = len(text) - held_back(text, req.params.stop_strings)
-        update = Update(new, text[req.shown:safe] if safe > req.shown else "",
-                        req.logprobs[-n:] if self.spec.logprobs else [])
-        req.shown = max(req.shown, safe)
-        req.on_update(update)
-
-    def _finish(self, req: Request, reason: str, text: str | None) -> Request:
-        """text: the text before a stop string (None: all of the tokens' text)."""
-        req.text = self.decode_text(req.token_ids) if text is None else text
-        req.finish_reason = reason
-        if req.on_update is not None:
-            rest = req.text[req.shown:]
-            req.shown = len(req.text)
-            req.on_update(Update([], rest, [], finish_reason=reason))
-        req.done.set()
-        return req
-
-
-def cancel(req: Request) -> None:
-    """Ends a request that never reached a slot."""
-    req.finish_reason = "cancelled"
-    if req.on_update is not None:
-        req.on_update(Update([], "", [], finish_reason="cancelled"))
-    req.done.set()
+def _from_json(x):
+    if isinstance(x, dict):
+        if set(x) == {"array", "dtype"}:
+            return np.asarray(x["array"], np.dtype(x["dtype"]))
+        return {k: _from_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    return x
 
 
 class Scheduler:
@@ -182,6 +62,8 @@ class Scheduler:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self.errors: list[BaseException] = []
+        # serving on several processes: process 0 leads, sending each cycle's plan to the others
+        self.leader = False
 
     @property
     def max_len(self) -> int:
@@ -225,12 +107,16 @@ class Scheduler:
             return taken
 
     def _cycle(self, group: SlotGroup) -> list[Request]:
-        """Admit into the group's free slots, then one decode call (if anything is active)."""
-        if group.free:
-            group.admit(self._take(len(group.free)))
-        if not group.slots:
+        """Admit into the group's free slots, then one decode call (if anything is active).
+        When serving on several processes, process 0 sends each cycle's plan to the others
+        first (`follow`), so they issue the same programs with the same inputs."""
+        requests = self._take(len(group.free)) if group.free else []
+        plan = group.plan(requests, waiting=len(self.queue))
+        if plan is None:
             return []
-        return group.cycle(waiting=len(self.queue))
+        if self.leader:
+            broadcast_json(_as_json(plan))
+        return group.absorb(group.execute(plan))
 
     def run(self, requests: Sequence[Request]) -> Iterator[list[Request]]:
         """Submits `requests` and yields lists of finished ones until all are done."""
@@ -301,7 +187,11 @@ class Scheduler:
         return sum(len(g.slots) for g in self.groups)
 
     def start(self) -> None:
-        """Serve: every group decodes on its own thread, admitting what `submit` queues."""
+        """Serve: every group decodes on its own thread, admitting what `submit` queues. On
+        several processes this is process 0, and the others `follow()` its plans."""
+        self.leader = jax.process_count() > 1
+        if self.leader and len(self.groups) > 1:
+            raise ValueError("serving on several processes needs one slot group (workers=1).")
         for engine in {id(g.engine): g.engine for g in self.groups}.values():
             engine.refresh()
         self._stopping.clear()
@@ -313,9 +203,15 @@ class Scheduler:
     def _serve(self, group: SlotGroup) -> None:
         while True:
             with self.lock:
+                idle_since = time.monotonic()
                 while not self.queue and not group.slots and not self._stopping.is_set():
                     self.lock.wait(0.25)
+                    if self.leader and time.monotonic() - idle_since > 5:
+                        broadcast_json({"noop": True})  # the followers wait in a collective: keep it alive
+                        idle_since = time.monotonic()
                 if self._stopping.is_set() and not group.slots:
+                    if self.leader:
+                        broadcast_json({"stop": True})
                     return
             try:
                 self._cycle(group)
@@ -344,3 +240,16 @@ class Scheduler:
         for t in self._threads:
             t.join()
         self._threads = []
+
+    def follow(self) -> None:
+        """A process other than 0 of a multi-process server: execute process 0's plans (the
+        same admit and decode calls, with the same inputs) until it stops."""
+        group = self.groups[0]
+        for engine in {id(g.engine): g.engine for g in self.groups}.values():
+            engine.refresh()
+        while True:
+            plan = _from_json(broadcast_json(None))
+            if plan.get("stop"):
+                return
+            if not plan.get("noop"):
+                group.execute(plan)

@@ -17,16 +17,18 @@ def build_service(cfg: ServeConfig):
     from jaxrast.models.cache import ModelCache
     from jaxrast.rast.decoding import RAST
     from jaxrast.rast.ensemble import Pair
+    from jaxrast.runtime.distributed import on_every_process, process_count
     from jaxrast.runtime.mesh import parse_mesh
     from jaxrast.serve.app import create_app
     from jaxrast.serve.service import Service
 
     if not cfg.base:
         raise ValueError("jaxrast serve needs --base (and usually --pair RL REF LAM).")
-    mesh = parse_mesh(cfg.mesh)
+    # several processes without a mesh would each serve on one device: use them all
+    mesh = parse_mesh(cfg.mesh or ("1,-1,1" if process_count() > 1 else None))
     load = ModelCache(dtype=cfg.dtype, mesh=mesh, allow_pickle=cfg.allow_pickle)
-    base = load(cfg.base)
-    pairs = [Pair(load(rl), load(ref), float(lam)) for rl, ref, lam in cfg.pairs]
+    base, pairs = on_every_process(lambda: (load(cfg.base), [Pair(load(rl), load(ref), float(lam))
+                                                              for rl, ref, lam in cfg.pairs]), "loading the models")
     if load.tokenizer is None:
         raise ValueError(f"{cfg.base} has no tokenizer files; serving text needs one.")
     template = None
@@ -62,6 +64,8 @@ def warm_up(service) -> None:
 def serve(cfg: ServeConfig) -> int:
     import uvicorn
 
+    from jaxrast.runtime.distributed import is_main
+
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self):
@@ -78,6 +82,9 @@ def serve(cfg: ServeConfig) -> int:
                     signal.signal(s, handler)
 
     service, app = build_service(cfg)
+    if not is_main():  # a multi-process server: process 0 takes the HTTP requests, the others follow its plans
+        service.scheduler.follow()
+        return 0
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
                             timeout_graceful_shutdown=int(cfg.grace) + 1)
     server = Server(config)

@@ -1,0 +1,164 @@
+"""One engine's slots and the requests in them: admission plans, decode calls, new tokens,
+stop strings, streamed text and finished requests (`jaxrast.rast.scheduler` drives them)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxrast.rast.engine import Engine, prefill_width
+from jaxrast.rast.requests import Request, Update, find_stop_string, held_back, settings_arrays
+from jaxrast.runtime.distributed import host_array
+
+
+class Stats:
+    """Counters for progress bars and /metrics: tokens, finished rows, slot occupancy."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.tokens = self.finished = self.calls = 0
+        self.slot_steps = self.busy_slot_steps = 0
+        self.start = time.perf_counter()
+
+    def record(self, *, tokens: int, finished: int, steps: int, busy: int, slots: int) -> None:
+        with self.lock:
+            self.tokens += tokens
+            self.finished += finished
+            self.calls += 1
+            self.slot_steps += steps * slots
+            self.busy_slot_steps += busy
+
+    @property
+    def occupancy(self) -> float:
+        return self.busy_slot_steps / self.slot_steps if self.slot_steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+
+class SlotGroup:
+    """One engine's slots and the requests in them; `cycle()` admits, decodes once and
+    hands back the requests that finished."""
+
+    def __init__(self, engine: Engine, decode_text: Callable[[list[int]], str], default_lam: np.ndarray,
+                 stats: Stats):
+        self.engine, self.decode_text, self.default_lam, self.stats = engine, decode_text, default_lam, stats
+        self.spec = engine.spec
+        self.state = engine.init_state()
+        self.slots: dict[int, Request] = {}
+        self.release = np.zeros(self.spec.max_slots, bool)
+
+    @property
+    def free(self) -> list[int]:
+        return [s for s in range(self.spec.max_slots) if s not in self.slots]
+
+    def plan(self, requests: Sequence[Request], waiting: int) -> dict | None:
+        """The device work of one cycle, as plain data every process can execute alike:
+        admit calls for `requests` (at most as many as free slots; one per prompt-width bucket
+        and `prefill_batch` rows), then one decode call. None: no slot is busy. `waiting`:
+        requests wait for a slot, so the decode call returns once min(waiting, slots / 8)
+        slots free: refilling after every finished row would cost a call and an admit per row
+        (0.3 ms each on CPU, as much as a toy decode step), while a slot idles only until the
+        call returns."""
+        free = self.free
+        by_width: dict[int, list[Request]] = collections.defaultdict(list)
+        for req in requests:
+            by_width[prefill_width(len(req.prompt_ids), self.spec.max_len)].append(req)
+        size, admits = self.spec.prefill_batch, []
+        for width, group in by_width.items():
+            for start in range(0, len(group), size):
+                chunk = group[start:start + size]
+                slot_ids = np.full(size, self.spec.max_slots, np.int32)
+                tokens = np.zeros((size, width), np.int32)
+                prefix = np.zeros(size, np.int32)
+                for r, req in enumerate(chunk):
+                    slot = free.pop(0)
+                    slot_ids[r], self.slots[slot], self.release[slot] = slot, req, False
+                    ids = req.prompt_ids[:-1]
+                    tokens[r, :len(ids)], prefix[r] = ids, len(ids)
+                padded = chunk + [chunk[-1]] * (size - len(chunk))  # padding rows are dropped by slot id
+                settings = settings_arrays(padded, pairs=self.engine.num_pairs, default_lam=self.default_lam,
+                                           max_stop_ids=self.spec.max_stop_ids, max_forced=self.spec.max_forced,
+                                           vocab=self.engine.vocab)
+                admits.append({"tokens": tokens, "prefix": prefix, "slot_ids": slot_ids, "settings": settings})
+        for slot, req in list(self.slots.items()):  # cancelled while waiting for this call
+            if req.cancelled:
+                self.release[slot] = True
+        if not self.slots:
+            return None
+        exit_after = min(waiting, max(1, self.spec.max_slots // 8)) if waiting else self.spec.max_slots + 1
+        plan = {"admits": admits, "release": self.release.copy(), "exit_after": exit_after}
+        self.release[:] = False
+        return plan
+
+    def execute(self, plan: dict):
+        """Runs a plan's admit and decode calls; returns the decode call's output on the host
+        (every process of a multi-process run joins the gather and reads the same)."""
+        for call in plan["admits"]:
+            self.state = self.engine.admit(self.state, np.asarray(call["tokens"], np.int32),
+                                           np.asarray(call["prefix"], np.int32),
+                                           np.asarray(call["slot_ids"], np.int32), call["settings"])
+        self.state, out = self.engine.decode(self.state, np.asarray(plan["release"], bool), plan["exit_after"])
+        return host_array(out)
+
+    def absorb(self, out) -> list[Request]:
+        """The requests' new tokens, stop strings and ends; returns the finished requests."""
+        finished = []
+        for slot, req in list(self.slots.items()):
+            n = int(out.count[slot])
+            new = out.tokens[slot, :n].tolist()
+            req.token_ids += new
+            if self.spec.logprobs:
+                req.logprobs += out.logprobs[slot, :n].tolist()
+            if self.spec.entropies:
+                req.entropies += out.entropies[slot, :n].tolist()
+            if self.spec.top_logprobs:
+                req.top_logprobs += [list(zip(ids.tolist(), vals.tolist()))
+                                     for ids, vals in zip(out.top_ids[slot, :n], out.top_logprobs[slot, :n])]
+            reason, text = None, None
+            if req.cancelled:
+                reason = "cancelled"
+            elif n and req.params.stop_strings:
+                hit = find_stop_string(self.decode_text, req.token_ids, req.params.stop_strings,
+                                       after_tokens=req.params.min_tokens)
+                if hit is not None:
+                    count, text = hit
+                    del req.token_ids[count:], req.logprobs[count:], req.entropies[count:], req.top_logprobs[count:]
+                    reason = "stop"
+            if reason is None and out.finished[slot]:
+                reason = "stop" if out.stopped[slot] else "length"
+            if reason is not None:
+                del self.slots[slot]
+                self.release[slot] = not out.finished[slot]  # still active on the device
+                finished.append(self._finish(req, reason, text))
+            elif new:
+                self._stream(req, new, n)
+        self.stats.record(tokens=int(out.count.sum()), finished=len(finished), steps=int(out.steps),
+                          busy=int(out.count.sum()), slots=self.spec.max_slots)
+        return finished
+
+    def _stream(self, req: Request, new: list[int], n: int) -> None:
+        if req.on_update is None:
+            return
+        text = self.decode_text(req.token_ids)
+        safe = len(text) - held_back(text, req.params.stop_strings)
+        update = Update(new, text[req.shown:safe] if safe > req.shown else "",
+                        req.logprobs[-n:] if self.spec.logprobs else [])
+        req.shown = max(req.shown, safe)
+        req.on_update(update)
+
+    def _finish(self, req: Request, reason: str, text: str | None) -> Request:
+        """text: the text before a stop string (None: all of the tokens' text)."""
+        req.text = self.decode_text(req.token_ids) if text is None else text
+        req.finish_reason = reason
+        if req.on_update is not None:
+            rest = req.text[req.shown:]
+            req.shown = len(req.text)
+            req.on_update(Update([], rest, [], finish_reason=reason))
+        req.done.set()
+        return req
