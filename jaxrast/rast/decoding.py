@@ -49,7 +49,8 @@ class RAST(StaticBatches):
                  mesh: Mesh | None = None, lam_schedule: str | Callable | None = None,
                  batch_size: int = 16, vocab_size: int | None = None, stop_check_every: int = 64,
                  cache_segments: int = 8, workers: int | None = None, scheduler: str = "continuous",
-                 steps_per_call: int = 32, prefill_batch: int | None = None):
+                 steps_per_call: int = 32, prefill_batch: int | None = None, speculative: int = 0,
+                 speculative_mode: str = "on"):
         self.pairs = pairs = [p if isinstance(p, Pair) else Pair(*p) for p in pairs]
         for i, p in enumerate(pairs):
             check_tokenizers_compatible(tokenizer, p.tokenizer, f"pair {i}")
@@ -80,6 +81,12 @@ class RAST(StaticBatches):
         # up to 32 prompts per admit call, each prefilled alone: on CPU 8 toy prompts cost 4.7 ms
         # together and 5.3 ms one by one, while one prompt padded to 8 rows costs all 4.7 ms
         self.prefill_batch = prefill_batch or min(32, self.program_batch)
+        if speculative < 0 or (speculative and not pairs):
+            raise ValueError(f"speculative={speculative}: γ >= 1 drafts with the first pair's rl model (needs a pair), "
+                             "0 decodes plainly.")
+        if speculative and scheduler == "static":
+            raise ValueError("speculative decoding runs on the continuous engine (scheduler='continuous').")
+        self.speculative, self.speculative_mode = speculative, speculative_mode
         self._scheduler: tuple[tuple, Scheduler] | None = None
         self._init_static()
 
@@ -117,14 +124,14 @@ class RAST(StaticBatches):
         on first use; one is kept, so its KV caches are reused by later calls)."""
         spec = EngineSpec(max_slots=self.program_batch, max_len=max_len, steps=self.steps_per_call,
                           prefill_batch=self.prefill_batch, max_stop_ids=max_stop_ids, max_forced=max_forced,
-                          logprobs=logprobs, entropies=entropies, top_logprobs=top_logprobs)
+                          logprobs=logprobs, entropies=entropies, top_logprobs=top_logprobs, gamma=self.speculative)
         if self._scheduler is None or self._scheduler[0] != spec:
             self._scheduler = None  # drop the old caches before the new ones are allocated
             rl = self.ensemble.index(self.pairs[0].rl) if self.pairs else None
             # one engine (its compiled programs) for every slot group; each group has its own state
             engine = Engine(self.models, self.combination, vocab=self.vocab, spec=spec, rl_index=rl, mesh=self.mesh)
             self._scheduler = (spec, Scheduler([engine] * self.workers, tokenizer=self.tokenizer,
-                                               default_lam=self.combination.lams))
+                                               default_lam=self.combination.lams, speculation=self.speculative_mode))
         return self._scheduler[1]
 
     def generate_iter(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams = SamplingParams(),
@@ -148,7 +155,8 @@ class RAST(StaticBatches):
                 raise ValueError("min_tokens and continue_text need the continuous engine (scheduler='continuous').")
             yield from self._static_iter(encoded, params, row_ids, progress)
             return
-        yield from self._engine_iter(encoded, params, row_ids, progress, max_len=-(-longest // 64) * 64)
+        need = longest + self.speculative  # a speculative round may write γ positions past a budget
+        yield from self._engine_iter(encoded, params, row_ids, progress, max_len=-(-need // 64) * 64)
 
     def _engine_iter(self, encoded, params: SamplingParams, row_ids, progress, *, max_len: int):
         cont = tuple(self._encode([params.continue_text])[0]) if params.continue_text else ()
@@ -171,8 +179,11 @@ class RAST(StaticBatches):
             tokens += sum(c.num_tokens for c in batch)
             bar.update(len(batch))
             slot_steps = sched.stats.slot_steps - steps0
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}",
-                            slots=f"{(sched.stats.busy_slot_steps - busy0) / max(slot_steps, 1):.0%}")
+            postfix = dict(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}",
+                           slots=f"{(sched.stats.busy_slot_steps - busy0) / max(slot_steps, 1):.0%}")
+            if sched.stats.acceptance is not None:
+                postfix.update(accept=f"{sched.stats.acceptance:.0%}", per_round=f"{sched.stats.accepted_length:.2f}")
+            bar.set_postfix(**postfix)
             yield batch
         bar.close()
 

@@ -38,6 +38,7 @@ from jaxrast.models.partitioning import cache_sharding
 from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.ensemble import Combination
 from jaxrast.rast.sampling import row_entropies, sample_rows
+from jaxrast.rast.speculative import speculative_round
 
 
 def stream_keys(seed: jax.Array, row_ids: jax.Array, samples: jax.Array) -> jax.Array:
@@ -70,6 +71,7 @@ class Slots:
     forced: jax.Array  # [S, max_forced] int32 continue text: replaces a stop before min_tokens
     forced_len: jax.Array  # [S] int32 (0: no continue text)
     forced_pos: jax.Array  # [S] int32 next continue token to emit (-1: not forcing)
+    gamma: jax.Array  # [S] int32 the most drafts a speculative round may accept for the slot
 
 
 @flax.struct.dataclass
@@ -90,7 +92,10 @@ class StepOutput:
     count: jax.Array  # [S] int32
     finished: jax.Array  # [S] bool: the slot's row ended in this call
     stopped: jax.Array  # [S] bool: ... on a stop id (else on its budget)
-    steps: jax.Array  # [] int32 decode steps run
+    steps: jax.Array  # [] int32 decode steps (speculative: rounds) run
+    drafted: jax.Array  # [S] int32 tokens the draft proposed (speculative rounds)
+    accepted: jax.Array  # [S] int32 ... and the target accepted
+    rounds: jax.Array  # [S] int32 speculative rounds the slot took part in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +114,14 @@ class EngineSpec:
     logprobs: bool = False  # record log p(token) per step
     entropies: bool = False  # record the entropy of softmax(z / τ) per step
     top_logprobs: int = 0  # record this many most likely tokens per step (the API's top_logprobs)
+    gamma: int = 0  # speculative rounds: the first pair's rl model drafts γ tokens (0: plain steps only)
 
     def __post_init__(self):
         for name in ("max_slots", "max_len", "steps", "prefill_batch", "prefill_chunk", "max_stop_ids", "max_forced"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineSpec.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.gamma < 0:
+            raise ValueError(f"EngineSpec.gamma must be >= 0, got {self.gamma}.")
         if self.prefill_batch % self.prefill_chunk:
             raise ValueError(f"EngineSpec.prefill_chunk ({self.prefill_chunk}) must divide prefill_batch "
                              f"({self.prefill_batch}).")
@@ -144,7 +152,10 @@ class Engine:
         # went in, so the next call reuses its buffers and its compiled program
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,),
                               out_shardings=None if shardings is None else shardings[0])
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), out_shardings=shardings)
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), out_shardings=shardings,
+                               static_argnames=("gamma",))
+        if spec.gamma and rl_index is None:
+            raise ValueError("speculative decoding drafts with the first pair's rl model: load a pair.")
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -165,7 +176,7 @@ class Engine:
         replicated = NamedSharding(self.mesh, P())
         state = DecodeState(tuple(cache_sharding(self.mesh, c) for c in shapes.caches),
                             jax.tree.map(lambda _: replicated, shapes.slots))
-        return state, jax.tree.map(lambda _: replicated, jax.eval_shape(self._empty_output))
+        return state, replicated  # (a prefix of every output leaf: any step output is replicated)
 
     def _empty_state(self) -> DecodeState:
         spec, s = self.spec, self.spec.max_slots
@@ -177,7 +188,7 @@ class Engine:
                       top_p=jnp.ones((s,), jnp.float32), top_k=zeros(),
                       stop_ids=jnp.full((s, spec.max_stop_ids), self.vocab, jnp.int32),
                       keys=zeros(2, dtype=jnp.uint32), forced=zeros(spec.max_forced), forced_len=zeros(),
-                      forced_pos=jnp.full((s,), -1, jnp.int32))
+                      forced_pos=jnp.full((s,), -1, jnp.int32), gamma=zeros())
         return DecodeState(tuple(caches), slots)
 
     def refresh(self) -> None:
@@ -244,11 +255,14 @@ class Engine:
 
     # ---- decode ------------------------------------------------------------------------------
 
-    def decode(self, state: DecodeState, release: np.ndarray, exit_after: int) -> tuple[DecodeState, StepOutput]:
-        """Up to `spec.steps` steps for every active slot. `release` [S]: slots the host has
-        ended (a stop string, a cancelled request), deactivated first. The call returns
-        after the step in which `exit_after` rows have finished (requests wait for slots)."""
-        return self._decode(self._states(), state, release, np.int32(exit_after))
+    def decode(self, state: DecodeState, release: np.ndarray, exit_after: int, speculative: bool = False
+               ) -> tuple[DecodeState, StepOutput]:
+        """Up to `spec.steps` steps for every active slot (speculative: rounds of up to γ + 1
+        tokens). `release` [S]: slots the host has ended (a stop string, a cancelled
+        request), deactivated first. The call returns after the step in which `exit_after`
+        rows have finished (requests wait for slots)."""
+        gamma = self.spec.gamma if speculative else 0
+        return self._decode(self._states(), state, release, np.int32(exit_after), gamma=gamma)
 
     def _step(self, models, caches, slots: Slots):
         """One token for every slot: feed the pending tokens, sample the next ones."""
@@ -288,19 +302,22 @@ class Engine:
                               forced_pos=jnp.where(act, forced_pos, slots.forced_pos))
         return tuple(new_caches), slots, (tok, logp, ent, top, act, act & done, act & stopped)
 
-    def _empty_output(self) -> StepOutput:
-        s, steps, k = self.spec.max_slots, self.spec.steps, self.spec.top_logprobs
-        return StepOutput(tokens=jnp.zeros((s, steps), jnp.int32), logprobs=jnp.zeros((s, steps), jnp.float32),
-                          top_ids=jnp.zeros((s, steps, k), jnp.int32),
-                          top_logprobs=jnp.zeros((s, steps, k), jnp.float32),
-                          entropies=jnp.zeros((s, steps), jnp.float32), count=jnp.zeros((s,), jnp.int32),
+    def _empty_output(self, gamma: int = 0) -> StepOutput:
+        s, k, width = self.spec.max_slots, self.spec.top_logprobs, self.spec.steps * (gamma + 1)
+        return StepOutput(tokens=jnp.zeros((s, width), jnp.int32), logprobs=jnp.zeros((s, width), jnp.float32),
+                          top_ids=jnp.zeros((s, width, k), jnp.int32),
+                          top_logprobs=jnp.zeros((s, width, k), jnp.float32),
+                          entropies=jnp.zeros((s, width), jnp.float32), count=jnp.zeros((s,), jnp.int32),
                           finished=jnp.zeros((s,), bool), stopped=jnp.zeros((s,), bool),
-                          steps=jnp.zeros((), jnp.int32))
+                          steps=jnp.zeros((), jnp.int32), drafted=jnp.zeros((s,), jnp.int32),
+                          accepted=jnp.zeros((s,), jnp.int32), rounds=jnp.zeros((s,), jnp.int32))
 
-    def _decode_impl(self, params, state: DecodeState, release, exit_after):
+    def _decode_impl(self, params, state: DecodeState, release, exit_after, *, gamma: int):
         models = [nnx.merge(g, s) for g, s in zip(self._graphdefs, self._unflatten(params))]
         slots = state.slots.replace(active=state.slots.active & ~release)
-        steps, out = self.spec.steps, self._empty_output()
+        steps, out = self.spec.steps, self._empty_output(gamma)
+        if gamma:
+            return self._speculative_loop(models, state, slots, out, exit_after, gamma)
 
         def cond(carry):
             _, slots, out = carry
@@ -322,6 +339,38 @@ class Engine:
             if top is not None:
                 out = out.replace(top_logprobs=column(out.top_logprobs, top[0], i),
                                   top_ids=column(out.top_ids, top[1].astype(jnp.int32), i))
+            return caches, slots, out
+
+        caches, slots, out = jax.lax.while_loop(cond, body, (state.caches, slots, out))
+        return DecodeState(caches, slots), out
+
+    def _speculative_loop(self, models, state, slots, out, exit_after, gamma: int):
+        """Rounds of `speculative_round`; a slot's tokens land at its own count (1 to γ + 1
+        per round), written where they go (positions beyond a slot's count are dropped)."""
+        steps, rows = self.spec.steps, jnp.arange(self.spec.max_slots)[:, None]
+
+        def cond(carry):
+            _, slots, out = carry
+            return (out.steps < steps) & jnp.any(slots.active) & (jnp.sum(out.finished) < exit_after)
+
+        def body(carry):
+            caches, slots, out = carry
+            slots_active = slots.active.astype(jnp.int32)
+            caches, slots, r = speculative_round(self, models, caches, slots, gamma)
+            j = jnp.arange(gamma + 1)
+            at = jnp.where(j < r["count"][:, None], out.count[:, None] + j, out.tokens.shape[1])  # beyond: dropped
+            put = lambda buf, v: buf.at[rows, at].set(v, mode="drop")  # noqa: E731
+            out = out.replace(tokens=put(out.tokens, r["tokens"]), count=out.count + r["count"],
+                              finished=out.finished | r["finished"], stopped=out.stopped | r["stopped"],
+                              steps=out.steps + 1, drafted=out.drafted + r["drafted"],
+                              accepted=out.accepted + r["accepted"], rounds=out.rounds + slots_active)
+            if self.spec.logprobs:
+                out = out.replace(logprobs=put(out.logprobs, r["logprobs"]))
+            if self.spec.entropies:
+                out = out.replace(entropies=put(out.entropies, r["entropies"]))
+            if r["top"] is not None:
+                out = out.replace(top_logprobs=put(out.top_logprobs, r["top"][0]),
+                                  top_ids=put(out.top_ids, r["top"][1].astype(jnp.int32)))
             return caches, slots, out
 
         caches, slots, out = jax.lax.while_loop(cond, body, (state.caches, slots, out))

@@ -33,6 +33,7 @@ class RequestParams:
     seed: int = 0
     row_id: int = 0
     sample: int = 0
+    gamma: int | None = None  # speculative drafts per round (None: the engine's γ; 0: none)
 
 
 @dataclasses.dataclass
@@ -109,7 +110,7 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 
 
 def settings_arrays(requests: Sequence[Request], *, pairs: int, default_lam: np.ndarray, max_stop_ids: int,
-                    max_forced: int, vocab: int) -> dict[str, np.ndarray]:
+                    max_forced: int, vocab: int, gamma: int = 0) -> dict[str, np.ndarray]:
     """The engine's per-slot settings ([B, ...] arrays) of requests about to be admitted;
     `stream` [B, 3] (seed, row id, sample) becomes each row's PRNG key in the admit program."""
     b = len(requests)
@@ -129,7 +130,8 @@ def settings_arrays(requests: Sequence[Request], *, pairs: int, default_lam: np.
             "temperature": get("temperature", np.float32), "top_p": get("top_p", np.float32),
             "top_k": get("top_k", np.int32), "stop_ids": stop_ids, "forced": forced,
             "stream": np.array([[q.params.seed, q.params.row_id, q.params.sample] for q in requests], np.uint32),
-            "forced_len": np.array([len(q.params.continue_ids) for q in requests], np.int32)}
+            "forced_len": np.array([len(q.params.continue_ids) for q in requests], np.int32),
+            "gamma": np.array([gamma if q.params.gamma is None else q.params.gamma for q in requests], np.int32)}
 
 
 def cancel(req: Request) -> None:

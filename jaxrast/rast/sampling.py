@@ -187,6 +187,16 @@ def sample_rows(keys: jax.Array, z: jax.Array, temperature: jax.Array, top_k: ja
     return jnp.where(temperature > 0, drawn, jnp.argmax(z, axis=-1).astype(jnp.int32))
 
 
+def row_probs(z: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The distribution [batch, vocab] `sample_rows` draws from: softmax of the τ-scaled,
+    top-k / top-p filtered logits, one-hot at the argmax for greedy rows (τ = 0).
+    Speculative decoding compares these, so they are the processed laws, not softmax(z)."""
+    scaled = z / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    probs = jax.nn.softmax(filter_rows(scaled, top_k, top_p).astype(jnp.float32), axis=-1)
+    greedy = jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1], dtype=probs.dtype)
+    return jnp.where((temperature > 0)[:, None], probs, greedy)
+
+
 def row_entropies(z: jax.Array, temperature: jax.Array) -> jax.Array:
     """Entropy [batch] of softmax(z / τ) per row, before top-k/top-p (τ = 1 for greedy rows)."""
     return softmax_entropy(z / jnp.where(temperature > 0, temperature, 1.0)[:, None])[1]

@@ -50,13 +50,14 @@ class Scheduler:
     """Runs requests through slot groups. `run(requests)` decodes a known set of requests
     (each group on its own thread when there are several) and yields the finished ones."""
 
-    def __init__(self, engines: Sequence[Engine], *, tokenizer=None, default_lam: Sequence[float] = ()):
+    def __init__(self, engines: Sequence[Engine], *, tokenizer=None, default_lam: Sequence[float] = (),
+                 speculation: str = "off"):
         self.tokenizer = tokenizer
         decode = (functools.partial(tokenizer.decode, skip_special_tokens=True) if tokenizer is not None
                   else lambda ids: "")
         self.stats = Stats()
         lam = np.asarray(default_lam, np.float32)
-        self.groups = [SlotGroup(e, decode, lam, self.stats) for e in engines]
+        self.groups = [SlotGroup(e, decode, lam, self.stats, speculation) for e in engines]
         self.queue: collections.deque[Request] = collections.deque()
         self.lock = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -78,10 +79,12 @@ class Scheduler:
         spec, p = self.groups[0].spec, req.params
         if not req.prompt_ids:
             raise ValueError("an empty prompt cannot be decoded; give every prompt at least one token.")
-        if len(req.prompt_ids) + p.max_tokens > spec.max_len:
-            raise ValueError(f"the prompt ({len(req.prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) is "
-                             f"{len(req.prompt_ids) + p.max_tokens} tokens, beyond the slot length {spec.max_len}; "
-                             "shorten the prompt or lower max_tokens.")
+        need = len(req.prompt_ids) + p.max_tokens + spec.gamma  # a round may write γ positions past the budget
+        if need > spec.max_len:
+            raise ValueError(f"the prompt ({len(req.prompt_ids)} tokens) plus max_tokens ({p.max_tokens})"
+                             + (f" plus γ = {spec.gamma} draft positions" if spec.gamma else "")
+                             + f" is {need} tokens, beyond the slot length {spec.max_len}; shorten the prompt or "
+                             "lower max_tokens.")
         if len(p.stop_ids) > spec.max_stop_ids or len(p.continue_ids) > spec.max_forced:
             raise ValueError(f"at most {spec.max_stop_ids} stop ids and a continue text of {spec.max_forced} tokens "
                              f"(got {len(p.stop_ids)} and {len(p.continue_ids)}).")

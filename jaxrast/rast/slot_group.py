@@ -16,25 +16,77 @@ from jaxrast.runtime.distributed import host_array
 
 
 class Stats:
-    """Counters for progress bars and /metrics: tokens, finished rows, slot occupancy."""
+    """Counters for progress bars and /metrics: tokens, finished rows, slot occupancy, and
+    the speculative rounds' drafted / accepted tokens."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.tokens = self.finished = self.calls = 0
         self.slot_steps = self.busy_slot_steps = 0
+        self.drafted = self.accepted = self.rounds = self.round_tokens = 0
         self.start = time.perf_counter()
 
-    def record(self, *, tokens: int, finished: int, steps: int, busy: int, slots: int) -> None:
+    def record(self, out, *, finished: int, slots: int, speculative: bool) -> None:
         with self.lock:
+            tokens = int(out.count.sum())
             self.tokens += tokens
             self.finished += finished
             self.calls += 1
-            self.slot_steps += steps * slots
-            self.busy_slot_steps += busy
+            self.slot_steps += int(out.steps) * slots
+            self.busy_slot_steps += int(out.rounds.sum()) if speculative else tokens
+            if speculative:
+                self.drafted += int(out.drafted.sum())
+                self.accepted += int(out.accepted.sum())
+                self.rounds += int(out.rounds.sum())
+                self.round_tokens += tokens
 
     @property
     def occupancy(self) -> float:
         return self.busy_slot_steps / self.slot_steps if self.slot_steps else 0.0
+
+    @property
+    def acceptance(self) -> float | None:
+        """Share of drafted tokens the target accepted (None: no speculative round yet)."""
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def accepted_length(self) -> float | None:
+        """Tokens a slot gained per speculative round (1 to γ + 1)."""
+        return self.round_tokens / self.rounds if self.rounds else None
+
+
+class Speculation:
+    """Whether a decode call runs speculative rounds: 'off', 'on', or 'adaptive': both kinds
+    of call are timed (tokens per second) and the faster one runs, the other retried every
+    16th call (acceptance and the device's costs change as rows come and go). A kind's first
+    call is not counted: it compiles its program."""
+
+    SAMPLES = 3  # timed calls of each kind before choosing
+
+    def __init__(self, mode: str = "off"):
+        if mode not in ("off", "on", "adaptive"):
+            raise ValueError(f"speculation mode must be 'off', 'on' or 'adaptive', got {mode!r}.")
+        self.mode, self.calls = mode, 0
+        self.rate: dict[bool, float | None] = {True: None, False: None}
+        self.seen = {True: 0, False: 0}
+
+    def choose(self) -> bool:
+        if self.mode != "adaptive":
+            return self.mode == "on"
+        self.calls += 1
+        for kind in (True, False):
+            if self.seen[kind] <= self.SAMPLES:
+                return kind
+        best = self.rate[True] >= self.rate[False]
+        return (not best) if self.calls % 16 == 0 else best
+
+    def record(self, speculative: bool, tokens: int, seconds: float) -> None:
+        if self.mode != "adaptive" or not tokens:
+            return
+        self.seen[speculative] += 1
+        if self.seen[speculative] > 1:
+            rate, old = tokens / max(seconds, 1e-9), self.rate[speculative]
+            self.rate[speculative] = rate if old is None else 0.7 * old + 0.3 * rate
 
     @property
     def tokens_per_s(self) -> float:
@@ -46,8 +98,10 @@ class SlotGroup:
     hands back the requests that finished."""
 
     def __init__(self, engine: Engine, decode_text: Callable[[list[int]], str], default_lam: np.ndarray,
-                 stats: Stats):
+                 stats: Stats, speculation: str = "off"):
         self.engine, self.decode_text, self.default_lam, self.stats = engine, decode_text, default_lam, stats
+        self.speculation = Speculation(speculation if engine.spec.gamma else "off")
+        self.last_speculative = False
         self.spec = engine.spec
         self.state = engine.init_state()
         self.slots: dict[int, Request] = {}
@@ -84,7 +138,7 @@ class SlotGroup:
                 padded = chunk + [chunk[-1]] * (size - len(chunk))  # padding rows are dropped by slot id
                 settings = settings_arrays(padded, pairs=self.engine.num_pairs, default_lam=self.default_lam,
                                            max_stop_ids=self.spec.max_stop_ids, max_forced=self.spec.max_forced,
-                                           vocab=self.engine.vocab)
+                                           vocab=self.engine.vocab, gamma=self.spec.gamma)
                 admits.append({"tokens": tokens, "prefix": prefix, "slot_ids": slot_ids, "settings": settings})
         for slot, req in list(self.slots.items()):  # cancelled while waiting for this call
             if req.cancelled:
@@ -92,7 +146,8 @@ class SlotGroup:
         if not self.slots:
             return None
         exit_after = min(waiting, max(1, self.spec.max_slots // 8)) if waiting else self.spec.max_slots + 1
-        plan = {"admits": admits, "release": self.release.copy(), "exit_after": exit_after}
+        plan = {"admits": admits, "release": self.release.copy(), "exit_after": exit_after,
+                "speculative": self.speculation.choose()}
         self.release[:] = False
         return plan
 
@@ -103,8 +158,13 @@ class SlotGroup:
             self.state = self.engine.admit(self.state, np.asarray(call["tokens"], np.int32),
                                            np.asarray(call["prefix"], np.int32),
                                            np.asarray(call["slot_ids"], np.int32), call["settings"])
-        self.state, out = self.engine.decode(self.state, np.asarray(plan["release"], bool), plan["exit_after"])
-        return host_array(out)
+        t0 = time.perf_counter()
+        self.state, out = self.engine.decode(self.state, np.asarray(plan["release"], bool), plan["exit_after"],
+                                             speculative=bool(plan.get("speculative")))
+        out = host_array(out)
+        self.speculation.record(bool(plan.get("speculative")), int(out.count.sum()), time.perf_counter() - t0)
+        self.last_speculative = bool(plan.get("speculative"))
+        return out
 
     def absorb(self, out) -> list[Request]:
         """The requests' new tokens, stop strings and ends; returns the finished requests."""
@@ -138,8 +198,8 @@ class SlotGroup:
                 finished.append(self._finish(req, reason, text))
             elif new:
                 self._stream(req, new, n)
-        self.stats.record(tokens=int(out.count.sum()), finished=len(finished), steps=int(out.steps),
-                          busy=int(out.count.sum()), slots=self.spec.max_slots)
+        self.stats.record(out, finished=len(finished), slots=self.spec.max_slots,
+                          speculative=self.last_speculative)
         return finished
 
     def _stream(self, req: Request, new: list[int], n: int) -> None:
