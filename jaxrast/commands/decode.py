@@ -19,7 +19,7 @@ EPILOG = """examples:
 # CLI flag -> DecodeConfig field (flags left unset keep the YAML/default value)
 _FLAGS = ("base", "mode", "dataset", "limit", "prompt_template", "temperature", "top_p", "top_k", "n",
           "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "dtype", "mesh", "trace_top_k", "trace_out",
-          "min_tokens", "continue_text")
+          "min_tokens", "continue_text", "speculative", "speculative_mode")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--stop", action="append", metavar="TEXT", help="stop string (repeatable; default '\\nQuestion:')")
     add("--min-tokens", type=int, metavar="N", help="a thinking budget: stops cannot end a row before N tokens")
     add("--continue-text", metavar="TEXT", help="with --min-tokens: emitted instead of an early stop (e.g. ' Wait')")
+    add("--speculative", type=int, metavar="GAMMA",
+        help="speculative RAST: the first pair's rl model drafts GAMMA tokens per round (exact; 0: off)")
+    add("--speculative-mode", choices=("on", "adaptive"),
+        help="adaptive: time speculative and plain calls and run the faster (default on)")
     add("--lam-schedule", help="constant | warmup:N | first:N")
     add("--out", help="output JSONL (appended; finished rows are skipped on rerun)")
     add("--batch-size", type=int)
@@ -109,8 +113,11 @@ def run(args: argparse.Namespace) -> int:
     if result.kept:
         summary["trace"] = _write_trace(cfg, result, progress=not args.no_progress)
     if is_main():
+        speculative = (f"; speculative: {summary['acceptance']:.0%} of drafts accepted, "
+                       f"{summary['accepted_length']:.2f} tokens per round") if "acceptance" in summary else ""
         print(f"{summary['written']} rows written to {summary['out']} ({summary['skipped']} prompts already done, "
-              f"{summary['tokens']} tokens)" + (f"; trace in {summary['trace']}" if "trace" in summary else ""))
+              f"{summary['tokens']} tokens)" + (f"; trace in {summary['trace']}" if "trace" in summary else "")
+              + speculative)
     return 0
 
 

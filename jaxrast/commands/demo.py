@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sweep", type=float, nargs="+", metavar="LAM", help="λ values of the sweep plot")
     add("--sweep-problems", type=int, help="problems in the λ sweep (default 250)")
     add("--seed", type=int, help="sampling seed (default 0)")
+    add("--speculative", type=int, metavar="GAMMA", help="decode the RAST rows speculatively, S_RL drafting GAMMA "
+                                                         "tokens per round (the same law; default 0: off)")
     add("--data-seed", type=int, help="seed of the held-out problems (default: one never used in training)")
     add("--family", help="directory with s_base/ s_rl/ m_base/ m_rl/ (default: the shipped family)")
     add("--out-dir", help="where the plots go (default ./jaxrast_demo)")
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxrast.toy.demo import DemoConfig, format_table, run_demo
 
     flags = {f: getattr(args, f) for f in ("problems", "k", "lam", "sweep_problems", "seed", "data_seed", "family",
-                                           "out_dir", "json") if getattr(args, f) is not None}
+                                           "out_dir", "json", "speculative") if getattr(args, f) is not None}
     if args.sweep:
         flags["sweep"] = tuple(args.sweep)
     cfg = replace(DemoConfig(), **flags)

@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "tokenizer's)")
     add("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
     add("--grace", type=float, help="seconds running requests get to finish on SIGTERM (default 10)")
+    add("--speculative", type=int, metavar="GAMMA",
+        help="speculative RAST: the first pair's rl model drafts GAMMA tokens per round (exact; 0: off)")
+    add("--speculative-mode", choices=("on", "adaptive"),
+        help="adaptive (default): time speculative and plain calls and run the faster")
     add("--dtype", choices=("auto", "float32", "bfloat16"))
     add("--mesh", help="device mesh 'DATA,FSDP,TENSOR' (e.g. 1,-1,1)")
     add("--allow-pickle", action="store_true", help="accept pytorch_model.bin checkpoints (pickles run code)")
@@ -47,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _FLAGS = ("base", "host", "port", "max_slots", "max_len", "max_waiting", "served_model_name", "chat_template",
-          "grace", "dtype", "mesh")
+          "grace", "dtype", "mesh", "speculative", "speculative_mode")
 
 
 def config_from_args(args: argparse.Namespace):

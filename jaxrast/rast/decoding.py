@@ -118,6 +118,10 @@ class RAST(StaticBatches):
 
     _completion = staticmethod(lambda *args: Completion(*args))
 
+    def scheduler_stats(self):
+        """The engine's counters (tokens, occupancy, speculative acceptance), None before any run."""
+        return None if self._scheduler is None else self._scheduler[1].stats
+
     def engine_for(self, max_len: int, *, logprobs: bool = False, entropies: bool = False,
                    max_stop_ids: int = 4, max_forced: int = 16, top_logprobs: int = 0) -> Scheduler:
         """The scheduler over this RAST's slot groups for slots of `max_len` positions (built

@@ -50,6 +50,8 @@ class DecodeConfig:
     workers: Positive | None = None  # concurrent slot groups (None: 2 on one CPU device, else 1)
     scheduler: Literal["continuous", "static"] = "continuous"  # the engine, or static batches (benchmarks)
     steps_per_call: Positive = 32  # engine decode steps per device call
+    speculative: NonNegative = 0  # γ: the first pair's rl model drafts γ tokens per round (0: off)
+    speculative_mode: Literal["on", "adaptive"] = "on"  # adaptive: speculate only while it is faster
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
     mesh: str | None = None  # "data,fsdp,tensor", e.g. "1,-1,1"; None: one device
     allow_pickle: bool = False
@@ -140,7 +142,9 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None,
         raise ValueError("the checkpoint has no tokenizer files; decoding text needs one.")
     engine = result.engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
                                   batch_size=cfg.batch_size, cache_segments=cfg.cache_segments, workers=cfg.workers,
-                                  scheduler=cfg.scheduler, steps_per_call=cfg.steps_per_call)
+                                  scheduler=cfg.scheduler, steps_per_call=cfg.steps_per_call,
+                                  speculative=cfg.speculative if mode == "rast" else 0,
+                                  speculative_mode=cfg.speculative_mode)
     prompts = [render(template, r) for r in todo]
     prompt_ids = encode_prompts(tok, prompts)  # once: decoding and --save-token-ids share them
     main = is_main()
@@ -165,4 +169,7 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None,
             if out is not None:
                 append_rows(out, records)
             result.summary["written"] += len(records)
+    stats = engine.scheduler_stats()
+    if stats is not None and stats.acceptance is not None:
+        result.summary.update(acceptance=stats.acceptance, accepted_length=stats.accepted_length)
     return result

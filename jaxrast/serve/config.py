@@ -27,3 +27,5 @@ class ServeConfig:
     allow_pickle: bool = False
     steps_per_call: Positive = 16  # decode steps per device call: streams see tokens at least this often
     top_logprobs: Annotated[int, Field(ge=0, le=20)] = 5  # the most alternatives a request may ask for
+    speculative: Annotated[int, Field(ge=0)] = 0  # γ: the first pair's rl model drafts γ tokens per round
+    speculative_mode: Literal["on", "adaptive"] = "adaptive"  # a server's batch changes: speculate while faster

@@ -30,6 +30,10 @@ class Metrics:
               registry=r).set_function(lambda: sched.stats.occupancy)
         Gauge("jaxrast_decode_calls", "Engine decode calls since start", registry=r).set_function(
             lambda: sched.stats.calls)
+        Gauge("jaxrast_speculative_acceptance", "Share of drafted tokens accepted (speculative rounds)",
+              registry=r).set_function(lambda: sched.stats.acceptance or 0.0)
+        Gauge("jaxrast_speculative_tokens_per_round", "Tokens a slot gains per speculative round",
+              registry=r).set_function(lambda: sched.stats.accepted_length or 0.0)
         self.tokens = Counter("jaxrast_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("jaxrast_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.requests = Counter("jaxrast_requests", "Choices submitted (n per request)", registry=r)

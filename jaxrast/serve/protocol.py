@@ -28,6 +28,7 @@ class RastExtras(BaseModel):
     min_tokens: int = Field(0, ge=0)
     continue_text: str = ""  # emitted instead of a stop id sampled before min_tokens
     shift: bool = False  # per-token shift statistics of the RAST column (the playground)
+    gamma: int | None = Field(None, ge=0)  # speculative drafts per round (at most the server's; 0: off)
 
 
 class SamplingFields(RastExtras):

@@ -39,7 +39,8 @@ def build_service(cfg: ServeConfig):
     context = min(m.cfg.max_position_embeddings for m in [base, *(m for p in pairs for m in (p.rl, p.ref))])
     max_len = cfg.max_len or min(context, 4096)
     rast = RAST(base, pairs, tokenizer=load.tokenizer, mesh=mesh, batch_size=cfg.max_slots,
-                steps_per_call=cfg.steps_per_call, prefill_batch=8 if cfg.max_slots >= 8 else None)
+                steps_per_call=cfg.steps_per_call, prefill_batch=8 if cfg.max_slots >= 8 else None,
+                speculative=cfg.speculative, speculative_mode=cfg.speculative_mode)
     service = Service(rast, max_len=max_len, max_waiting=cfg.max_waiting, model_name=cfg.served_model_name,
                       chat_template=template, top_logprobs=cfg.top_logprobs)
     warm_up(service)

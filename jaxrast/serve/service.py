@@ -128,10 +128,14 @@ class Service:
         if body.mode == "rl" and not self.num_pairs:  # ("rast" with no pairs is the base alone)
             raise BadRequest("mode 'rl' decodes the first pair's rl model, and this server has no pair", "mode")
         cont = tuple(self.encode(body.continue_text, "continue_text")) if body.continue_text else ()
+        gamma = self.scheduler.groups[0].spec.gamma
+        if body.gamma is not None and body.gamma > gamma:
+            raise BadRequest(f"gamma={body.gamma} is more than this server's speculative γ = {gamma}", "gamma")
         return RequestParams(max_tokens=budget, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                              min_tokens=body.min_tokens, stop_ids=self.default_stop_ids,
                              stop_strings=tuple(body.stop), lam=lam, mode=body.mode, continue_ids=cont,
-                             seed=body.seed if body.seed is not None else int(time.time_ns() % (2**31)))
+                             seed=body.seed if body.seed is not None else int(time.time_ns() % (2**31)),
+                             gamma=body.gamma)
 
     def submit(self, prompts: list[list[int]], params: RequestParams, n: int) -> tuple[str, list[Choice]]:
         """Queues n choices per prompt (choice i of prompt p draws from stream (seed, p, i))."""

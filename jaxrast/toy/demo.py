@@ -42,6 +42,7 @@ class DemoConfig:
     top_p: Finite = 0.95
     max_new_tokens: Positive = 64
     batch_size: Positive = 1000
+    speculative: NonNegative = 0  # γ for the RAST rows (exact: the same law, drafted by S_RL)
     out_dir: str = "jaxrast_demo"
     json: str | None = None
 
@@ -102,7 +103,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> dict[str, Any
         "S_base": RAST(s_base, tokenizer=tok, batch_size=cfg.batch_size),
         "S_RL": RAST(s_rl, tokenizer=tok, batch_size=cfg.batch_size),
         "M_base": RAST(m_base, tokenizer=tok, batch_size=cfg.batch_size),
-        "M_base + ΔR_S (RAST)": RAST(m_base, [Pair(s_rl, s_base, cfg.lam)], tokenizer=tok, batch_size=cfg.batch_size),
+        "M_base + ΔR_S (RAST)": RAST(m_base, [Pair(s_rl, s_base, cfg.lam)], tokenizer=tok, batch_size=cfg.batch_size,
+                                     speculative=cfg.speculative),
         "M_RL": RAST(m_rl, tokenizer=tok, batch_size=cfg.batch_size),
     }
     table = []
