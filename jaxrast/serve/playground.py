@@ -17,8 +17,11 @@ the rest of /v1, and the page asks for it when the server answers 401. The strea
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
+import os
 import re
+import threading
 from importlib import resources
 from typing import Callable
 
@@ -90,17 +93,32 @@ def last_number_fallback(source: str | None) -> bool:
     return benchmark_spec(source).last_number_fallback if source and is_benchmark(source) else True
 
 
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def grader_pool():
+    """The eval grader's worker pool for the page: two processes (a request grades the two
+    columns), started on first use, closed at exit; not one per core as `shared_pool` is."""
+    global _POOL
+    from jaxrast.eval.pool import GraderPool
+
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = GraderPool(min(2, os.cpu_count() or 1))
+            atexit.register(_POOL.close)
+    return _POOL
+
+
 def grade(body: GradeRequest, pool=None) -> dict:
     """Verdicts of the completions against the problem's gold (or the given gold)."""
-    from jaxrast.eval.pool import shared_pool
-
     if body.gold is not None:
         gold, source = body.gold, None
     elif body.source and body.id is not None:
         gold, source = problem(body.source, body.id)["answer"], body.source
     else:
         raise BadRequest("give the problem (source and id) or its gold answer", "gold")
-    verdicts = (pool or shared_pool()).grade_many(body.completions, [gold] * len(body.completions),
+    verdicts = (pool or grader_pool()).grade_many(body.completions, [gold] * len(body.completions),
                                                   last_number_fallback=last_number_fallback(source))
     return {"gold": gold, "verdicts": [{"correct": v.correct, "extracted": v.answer, "method": v.method,
                                         "status": v.status} for v in verdicts]}

@@ -265,8 +265,8 @@ async function runColumn(col, body, signal) {
     if (col.shift) state.view.render(col.text, col.shift, threshold());
     setState(col, "done", `finished: ${col.finish || "?"}`);
   } catch (err) {
-    col.error = err.message;
-    setState(col, "error", err.name === "AbortError" ? "stopped" : err.message);
+    col.error = err.name === "AbortError" ? "stopped" : err.message;
+    setState(col, "error", col.error);
   }
 }
 
