@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from jaxrast.serve import responses
+from jaxrast.serve import playground, responses
 from jaxrast.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -120,6 +120,7 @@ def create_app(service: Service, *, api_key: str | None = None, grace_s: float =
         done = await gather(service, choices, request)
         return responses.chat(service, body, rid, done).model_dump(exclude_none=True)
 
+    app.include_router(playground.router(service, authorize))  # GET / (no key) and /v1/rast/... (the key)
     return app
 
 

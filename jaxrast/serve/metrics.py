@@ -4,12 +4,9 @@ per-token latency histograms, finished requests by reason."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-if TYPE_CHECKING:
-    from jaxrast.serve.service import Choice, Service
 
 # latency buckets (seconds): a toy token takes ~1 ms on CPU, a 32B one ~30 ms on a TPU slice
 _TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -17,7 +14,7 @@ _TPOT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Metrics:
-    def __init__(self, service: "Service"):
+    def __init__(self, service: Any):  # a jaxrast.serve.service.Service
         self.registry = r = CollectorRegistry()
         sched = service.scheduler
         Gauge("jaxrast_requests_waiting", "Requests queued for a slot", registry=r).set_function(
@@ -45,7 +42,7 @@ class Metrics:
         self.e2e = Histogram("jaxrast_request_latency_seconds", "Time from submission to the last token",
                              buckets=_TTFT, registry=r)
 
-    def finished(self, choice: "Choice") -> None:
+    def finished(self, choice: Any) -> None:  # a finished jaxrast.serve.service.Choice
         import time
 
         req = choice.request

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Sequence
 
+from jaxrast.data.prompts import encode_prompts
 from jaxrast.rast.decoding import RAST
 from jaxrast.rast.requests import Request, RequestParams, Update
 from jaxrast.serve.metrics import Metrics
@@ -84,7 +85,10 @@ class Service:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise BadRequest("this model has no tokenizer; send token ids", param)
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            try:  # a character the tokenizer drops (a closed vocabulary): the model would see other text
+                ids = encode_prompts(self.tokenizer, [prompt])[0]
+            except ValueError as err:
+                raise BadRequest(str(err), param) from None
         else:
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.rast.vocab]
