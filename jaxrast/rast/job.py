@@ -181,12 +181,15 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None,
            "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop),
            "lam_schedule": cfg.lam_schedule if mode == "rast" else None, "prompt_template": template,
            "models": _resolved_models(models), "min_tokens": cfg.min_tokens, "continue_text": cfg.continue_text}
-    main = is_main()
-    if main and cfg.trace_rows:
-        check_writable(cfg.trace_out or cfg.out.removesuffix(".jsonl") + ".trace.jsonl", "--trace-out")
-    output = OutputFile(cfg.out) if main else None
+    output = OutputFile(cfg.out) if is_main() else None
     by_id = {r["id"]: p for r, p in zip(rows, prompts)}
-    finished = shared_from_main(lambda: output.open(run, by_id, normalise={"models": _resolved_models}))
+
+    def open_output():  # process 0; its refusal reaches every process
+        if cfg.trace_rows:
+            check_writable(cfg.trace_out or cfg.out.removesuffix(".jsonl") + ".trace.jsonl", "--trace-out")
+        return output.open(run, by_id, normalise={"models": _resolved_models})
+
+    finished = shared_from_main(open_output)
     try:
         return _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, progress, keep,
                        RAST, parse_mesh)
