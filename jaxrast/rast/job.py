@@ -140,8 +140,12 @@ def decode_model_paths(cfg: DecodeConfig, mode: str) -> list[str]:
     return [p for p in (cfg.base, *(path for pair in cfg.pairs for path in pair[:2])) if p]
 
 
-def _resolved_models(models: list) -> list:
-    return [checkpoint_key(str(m)) if m is not None else None for m in models]
+def _resolved_models(models: Any) -> Any:
+    """Model paths as recorded and compared: resolved (`./ckpt`, `ckpt/`: one model); a value
+    that is not a list of paths (another program's row) is left as it is, to differ."""
+    if not isinstance(models, list):
+        return models
+    return [checkpoint_key(m) if isinstance(m, str) else m for m in models]
 
 
 def run_decode(cfg: DecodeConfig, progress: bool | None = None,

@@ -178,6 +178,12 @@ def _not_rows(p, tmp):
     return rast(p, out), r"numbers.jsonl:1 is not a jaxrast row"
 
 
+def _foreign_fields(p, tmp):
+    out = tmp / "foreign.jsonl"
+    out.write_text(json.dumps({"id": "q0", "sample": 0, "models": 5, "stop": None}) + "\n")
+    return rast(p, out), r"foreign.jsonl already holds rows of another run \(stop: file None, .*models: file 5"
+
+
 def _foreign_torn_tail(p, tmp):
     out = tmp / "ours_then_text.jsonl"
     assert main(rast(p, out, "--limit", "1")) == 0
@@ -249,6 +255,7 @@ CASES = {
     "--out holds another run's rows and a torn line": (_other_run, None),
     "--out holds JSON that is not rows": (_not_rows, None),
     "--out: our rows, then a foreign unterminated line": (_foreign_torn_tail, None),
+    "--out: rows with other types in our fields": (_foreign_fields, None),
     # Found: silently wrong results
     "resume with other prompts under the same ids": (_changed_prompts, None),
     "empty stop string": (lambda p, t: (rast(p, t / "o.jsonl", "--stop", ""), None),
