@@ -23,6 +23,10 @@ COMMANDS: dict[str, str] = {
     "train": "jaxrast.commands.train",
 }
 
+# what an interrupted command leaves behind, and how to go on
+_RESUME_HINTS = {"decode": "; the rows written so far are kept: rerun the same command to resume.",
+                 "train": "; the checkpoints written so far are kept: rerun with --resume to continue."}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -50,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         # User errors: one clear line, no traceback.
         print(f"jaxrast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as err:
+        # A path the user gave that cannot be used as asked (the commands check theirs up
+        # front; this is the net for any that slipped through).
+        what = f"{err.strerror}: {err.filename}" if err.filename else str(err)
+        print(f"jaxrast {args.command}: error: {what}; check the path and its permissions.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, no traceback; 130 = 128 + SIGINT, as shells report it.
+        print(f"\njaxrast {args.command}: interrupted (Ctrl-C){_RESUME_HINTS.get(args.command, '.')}",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

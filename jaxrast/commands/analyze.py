@@ -88,11 +88,12 @@ def _named(spec: str) -> tuple[str, str]:
 
 
 def _pairs(args, load):
+    from jaxrast.commands.flags import finite_lam
     from jaxrast.rast.ensemble import Pair
 
     if args.pair and not args.base:
         raise ValueError("--pair needs --base (RAST combines the base's logits with the pairs' deltas).")
-    return [Pair(load(rl), load(ref), float(lam)) for rl, ref, lam in args.pair]
+    return [Pair(load(rl), load(ref), finite_lam(lam, f"--pair {rl} {ref} LAM")) for rl, ref, lam in args.pair]
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -137,8 +138,9 @@ def _coverage(args, load, common, config) -> list[str]:
     from jaxrast.analysis import reports as rep
     from jaxrast.analysis import teacher_forcing as analysis
 
-    models, pairs = _models(args, load), _pairs(args, load)
+    # the base first: the first tokenizer loaded is the one the others are checked against
     base = load(args.base) if args.base else None
+    pairs, models = _pairs(args, load), _models(args, load)
     if not models and base is None:
         raise ValueError("nothing to measure: give --model PATH and/or --base PATH --pair RL REF LAM.")
     trajs = _trajectories(args, load.tokenizer)
@@ -159,7 +161,8 @@ def _kl(args, load, common, config) -> list[str]:
 
     if not args.base or not args.pair:
         raise ValueError("kl needs --base BASE and at least one --pair RL REF LAM.")
-    pairs, base, models = _pairs(args, load), load(args.base), _models(args, load)
+    base = load(args.base)  # first: the other tokenizers are checked against the base's
+    pairs, models = _pairs(args, load), _models(args, load)
     pair_names = _unique([f"{_named(rl)[0]} vs {_named(ref)[0]}" for rl, ref, _ in args.pair])
     trajs = _trajectories(args, load.tokenizer)
     per_pos = analysis.kl_positions(trajs, base, pairs, vocab=load.vocab, models=models,
@@ -211,7 +214,8 @@ def _trace(args, load, common, config) -> list[str]:
 
     if not args.base:
         raise ValueError("trace needs --base (and usually --pair RL REF LAM).")
-    pairs, base = _pairs(args, load), load(args.base)
+    base = load(args.base)  # first: the other tokenizers are checked against the base's
+    pairs = _pairs(args, load)
     selected = parse_row_selector(args.rows)
     trajs = [t for t in _trajectories(args, load.tokenizer) if selected(t.id, t.sample)]
     if not trajs:
@@ -223,7 +227,41 @@ def _trace(args, load, common, config) -> list[str]:
 _RUNNERS = {"coverage": _coverage, "kl": _kl, "similarity": _similarity, "trace": _trace}
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag checked before a model loads: numbers by their types and ranges, λ values
+    finite, the trajectories readable and --out usable."""
+    from jaxrast.commands.flags import AnalyzeFlags, finite_lam
+    from jaxrast.runtime.config import check_flags
+    from jaxrast.runtime.files import check_directory, check_writable
+
+    check_flags(args, AnalyzeFlags)
+    pairs = getattr(args, "pair", None) or []
+    for p in pairs:
+        if len(p) == 3:  # similarity takes RL REF [LAM]
+            finite_lam(p[2], f"--pair {p[0]} {p[1]} LAM")
+    if args.analysis == "kl" and not (args.base and pairs):
+        raise ValueError("kl needs --base BASE and at least one --pair RL REF LAM.")
+    if args.analysis == "trace" and not args.base:
+        raise ValueError("trace needs --base (and usually --pair RL REF LAM).")
+    if pairs and args.analysis != "similarity" and not args.base:
+        raise ValueError("--pair needs --base (RAST combines the base's logits with the pairs' deltas).")
+    if args.analysis == "coverage" and not args.model and not args.base:
+        raise ValueError("nothing to measure: give --model PATH and/or --base PATH --pair RL REF LAM.")
+    if getattr(args, "lam_schedule", None):
+        from jaxrast.rast.combine import lam_schedule
+
+        lam_schedule(args.lam_schedule)  # a bad schedule is named now, not after the models load
+    if not os.path.isfile(args.traj):  # found now, not after the models load
+        raise FileNotFoundError(f"trajectory file {args.traj} does not exist; write one with "
+                                f"`jaxrast decode ... --save-token-ids --out {args.traj}`.")
+    if args.analysis == "trace":
+        check_writable(args.out, "--out")
+    else:
+        check_directory(args.out, "--out")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     t0 = time.perf_counter()
     common = dict(batch_size=args.batch_size, progress=False if args.no_progress else None)
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "no_progress"}

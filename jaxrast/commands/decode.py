@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from jaxrast.commands.flags import finite_lam
     from jaxrast.rast.job import DecodeConfig
     from jaxrast.runtime.config import load_config, replace
 
@@ -83,6 +84,10 @@ def config_from_args(args: argparse.Namespace):
     elif args.lam is not None:
         raise ValueError("--lam weights the pair given by --rl/--ref; with --pair or pairs from the config, "
                          "give each weight as LAM in --pair RL REF LAM (or in the YAML's pairs).")
+    for rl, ref, lam in args.pair or []:
+        finite_lam(lam, f"--pair {rl} {ref} LAM")
+    if args.lam is not None:
+        finite_lam(str(args.lam), "--lam")
     if pairs:
         base["pairs"] = tuple(pairs)
     if args.stop:

@@ -37,6 +37,11 @@ def run(args: argparse.Namespace) -> int:
     if cfg.sweep_problems > cfg.problems:
         raise ValueError(f"--sweep-problems ({cfg.sweep_problems}) cannot exceed --problems ({cfg.problems}): "
                          "the sweep runs on the first held-out problems.")
+    from jaxrast.runtime.files import check_directory, check_writable
+
+    check_directory(cfg.out_dir, "--out-dir")  # found now, not after minutes of decoding
+    if cfg.json:
+        check_writable(cfg.json, "--json")
     print(f"jaxrast demo: {cfg.problems} held-out toy problems × {cfg.k} samples, τ={cfg.temperature}, "
           f"top-p={cfg.top_p}")
     result = run_demo(cfg, progress=not args.no_progress)

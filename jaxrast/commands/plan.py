@@ -63,9 +63,13 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
         batch, new, mesh = cfg.batch_size, cfg.max_new_tokens, cfg.mesh
         dtype = None if cfg.dtype == "auto" else cfg.dtype
     if args.pair:
+        from jaxrast.commands.flags import finite_lam
+
         for p in args.pair:
             if len(p) not in (2, 3):
                 raise ValueError(f"--pair takes RL REF [LAM], got {len(p)} values: {p}.")
+            if len(p) == 3:
+                finite_lam(p[2], f"--pair {p[0]} {p[1]} LAM")
         pairs = [(p[0], p[1]) for p in args.pair]
     if not base:
         raise ValueError("name the base model: --base PATH_OR_NAME (or --config with a `base:` field).")
@@ -87,14 +91,19 @@ def _section(plan, sizes, capacity: float) -> dict[str, Any]:
 
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxrast.commands.flags import PlanFlags
     from jaxrast.plan.memory import DEVICES, DecodeShape, TrainShape, grpo_plan, rast_plan, resolve_config
+    from jaxrast.runtime.config import check_flags
     from jaxrast.runtime.mesh import mesh_sizes
 
+    check_flags(args, PlanFlags)  # sizes and counts >= 1, memory and shares finite and > 0
     inp = _inputs(args)
     sizes = mesh_sizes(inp["mesh"])
-    if any(v < 1 for v in sizes.values()):
+    if any(v == -1 for v in sizes.values()):
         raise ValueError(f"mesh {inp['mesh']!r}: plan has no devices to count, so give every size "
                          "explicitly (e.g. --mesh 1,8,1 instead of 1,-1,1).")
+    if any(v < 1 for v in sizes.values()):
+        raise ValueError(f"mesh {inp['mesh']!r}: every size must be >= 1 (e.g. --mesh 1,8,1).")
     if args.device_memory is not None:
         device, gib = f"{args.device_memory:g} GiB device", args.device_memory
     elif args.device.lower() in DEVICES:

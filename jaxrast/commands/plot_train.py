@@ -19,7 +19,9 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from jaxrast.grpo.log import plot_metrics
+    from jaxrast.runtime.files import check_writable
 
+    check_writable(args.out, "--out")
     paths = [os.path.join(p, "metrics.jsonl") if os.path.isdir(p) else p for p in args.runs]
     for p in paths:
         if not os.path.isfile(p):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from jaxrast.runtime.distributed import add_arguments as add_distributed_arguments
 
@@ -58,10 +59,32 @@ def run(args: argparse.Namespace) -> int:
         ref = load_model(cfg.model.ref_path, **load)[0] if cfg.loss.beta > 0 and cfg.model.ref_path else None
         return policy, tokenizer, ref
 
-    policy, tokenizer, ref = on_every_process(load_models, "loading the models")
-    history = train(cfg, policy=policy, tokenizer=tokenizer, rows=rows, ref=ref, mesh=mesh, resume=args.resume)
+    # output_dir: usable, not being trained into by another process, and resumed only when asked
+    # -- all found before the models load
+    with contextlib.ExitStack() as held:
+        on_every_process(lambda: _claim(cfg.output_dir, args.resume, held), "checking output_dir")
+        policy, tokenizer, ref = on_every_process(load_models, "loading the models")
+        history = train(cfg, policy=policy, tokenizer=tokenizer, rows=rows, ref=ref, mesh=mesh, resume=args.resume)
     if history and is_main():
         last = history[-1]
         print(f"step {last['step']}: reward {last['reward_mean']:.4f}, kl {last['kl']:.5f}; "
               f"metrics in {cfg.output_dir}/metrics.jsonl")
     return 0
+
+
+def _claim(output_dir: str, resume: bool, held: contextlib.ExitStack) -> None:
+    """Refuses an output_dir that cannot be used, or that holds checkpoints without
+    --resume; then (process 0) takes its lock into `held`, refusing a second writer."""
+    import os
+
+    from jaxrast.runtime.distributed import is_main
+    from jaxrast.runtime.files import DirectoryLock, check_directory
+
+    check_directory(output_dir, "output_dir")
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) if os.path.isdir(checkpoints) else []
+    if steps and not resume:
+        raise ValueError(f"{output_dir} already holds checkpoints (steps {steps}); pass --resume to continue, "
+                         "or choose another output_dir.")
+    if is_main():
+        held.enter_context(DirectoryLock(output_dir, "output_dir"))

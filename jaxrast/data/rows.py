@@ -140,17 +140,29 @@ def read_jsonl(path: str | Path) -> list[Row]:
         raise FileNotFoundError(f"no such file: {path}")
     rows = []
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
-            rows.append(row)
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):  # noqa: B007 - the error below names the line
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
+                rows.append(row)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text; a JSONL file is one JSON object per line") from None
     return rows
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'owner/name' (the HuggingFace hub's dataset ids), not a path: one slash, no file
+    extension, not starting with '.', '/' or '~'."""
+    parts = name.split("/")
+    return (len(parts) == 2 and all(p and p not in (".", "..") for p in parts) and not name.startswith(("~", "."))
+            and not name.endswith((".jsonl", ".json", ".csv", ".parquet", ".txt")) and " " not in name)
 
 
 def load_rows(
@@ -176,18 +188,47 @@ def load_rows(
         path = Path(source)
         if path.is_file():
             return normalise_rows(read_jsonl(path), fmap, source=str(path), require_answer=require_answer)
-        import datasets  # heavy; only for dataset sources
-
         if path.is_dir():
-            data = datasets.load_from_disk(str(path))
-            if isinstance(data, datasets.DatasetDict):
-                data = data[split]
-        elif str(source).endswith((".jsonl", ".json")):
-            raise FileNotFoundError(f"no such file: {source}")
+            data = _load_from_disk(path, split)
+        elif not looks_like_hub_id(str(source)):
+            raise FileNotFoundError(
+                f"no such file: {source}; it is neither a shipped benchmark ({', '.join(list_benchmarks())}) nor "
+                "an existing file or directory (nor a HuggingFace hub dataset id, which looks like OWNER/NAME)")
         else:
-            data = datasets.load_dataset(str(source), split=split)
+            data = _load_from_hub(str(source), split)
         return normalise_rows(data, fmap, source=str(source), require_answer=require_answer)
     return normalise_rows(source, fmap, source=type(source).__name__, require_answer=require_answer)
+
+
+def _load_from_disk(path: Path, split: str):
+    """A directory written by `datasets.Dataset.save_to_disk` (its `split` if it holds several)."""
+    import datasets  # heavy; only for dataset sources
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise ValueError(f"{path} is a directory but not a saved datasets dataset ({type(err).__name__}); "
+                         "pass a JSONL file or a datasets.save_to_disk directory") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"{path} has splits {sorted(data)}, not {split!r}; choose one with the split setting")
+        data = data[split]
+    return data
+
+
+def _load_from_hub(name: str, split: str):
+    """`datasets.load_dataset(name, split=split)`; any failure is a FileNotFoundError that
+    says the name was tried on the hub because it looks like a hub id."""
+    import datasets  # heavy; only for dataset sources
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as err:  # noqa: BLE001 - connection, not found, bad split: all mean "cannot use it"
+        detail = next((line.strip()[:200] for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise FileNotFoundError(
+            f"{name} is not a shipped benchmark ({', '.join(list_benchmarks())}) or a local file, and loading it "
+            f"as a HuggingFace hub dataset id (split {split!r}) failed: {detail}. Check the name, the network "
+            "(or HF_HUB_OFFLINE) and the split, or pass a local JSONL file") from None
 
 
 def normalise_rows(rows: Iterable[Mapping[str, Any]], fields: FieldMap, *, source: str,

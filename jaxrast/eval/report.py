@@ -241,7 +241,11 @@ def load_report(path: str | Path, **kwargs: Any) -> dict[str, Any]:
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
-        report = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} is not a JSON file (a jaxrast eval --json report); pass that, or the "
+                             "predictions .jsonl.") from None
         if not isinstance(report, dict) or report.get("schema") != SCHEMA:
             raise ValueError(f"{path} is not a jaxrast eval report (schema {SCHEMA}); pass predictions .jsonl")
         return report

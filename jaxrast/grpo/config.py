@@ -14,7 +14,7 @@ from typing import Annotated
 from pydantic import Field
 
 from jaxrast.grpo.losses import AGGREGATIONS
-from jaxrast.runtime.config import Finite, NonNegative, Positive, Texts, config_dataclass
+from jaxrast.runtime.config import Finite, MeshSize, NonNegative, Positive, Texts, config_dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -91,9 +91,9 @@ class OptimSpec:
 
 @config_dataclass
 class MeshSpec:
-    data: int = 1
-    fsdp: int = -1  # -1: all remaining devices
-    tensor: int = 1
+    data: MeshSize = 1
+    fsdp: MeshSize = -1  # -1: all remaining devices
+    tensor: MeshSize = 1
 
 
 @config_dataclass

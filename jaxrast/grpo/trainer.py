@@ -10,6 +10,7 @@ those of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -45,11 +46,22 @@ from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.decoding import RAST, SamplingParams
 from jaxrast.runtime.config import save_config, to_dict
 from jaxrast.runtime.distributed import any_process, host_array, is_main
+from jaxrast.runtime.files import DirectoryLock
 from jaxrast.runtime.mesh import mesh_of
 
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {"steps", "progress", "output_dir", "save_every", "keep_checkpoints", "async_checkpointing",
                       "export_hf", "reward_workers"}
+
+
+class NonFiniteError(ValueError):
+    """A training step produced a NaN/inf loss, gradient norm or parameter."""
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 class GRPOTrainer:
@@ -253,6 +265,7 @@ class GRPOTrainer:
                 metrics = self.train_step()
                 history.append(metrics)
                 log.write(metrics)
+                self._check_finite(metrics)  # before any checkpoint of this step is written
                 bar.update()
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
                                 len=f"{metrics['response_len_mean']:.0f}")
@@ -267,6 +280,22 @@ class GRPOTrainer:
         if cfg.export_hf and self.step >= cfg.steps:
             self.export(os.path.join(cfg.output_dir, "hf"))
         return history
+
+    def _check_finite(self, metrics: dict[str, Any]) -> None:
+        """Stops the run (NonFiniteError) when the step's loss or gradient norm, or the
+        updated parameters, are NaN/inf: saving them would replace the last good checkpoint
+        with one that decodes nothing. The step's metrics line is kept for the diagnosis."""
+        bad = [k for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])]
+        if not bad and not bool(host_array(_all_finite(self.params))):
+            bad = ["parameters"]
+        if bad:
+            kept = (f"The last good checkpoint, step {self._saved_step} in {self.ckpt.directory}, is kept"
+                    if self._saved_step else "No checkpoint had been written yet")
+            raise NonFiniteError(
+                f"step {self.step}: {' and '.join(bad)} became NaN or infinite "
+                f"({', '.join(f'{k}={metrics[k]}' for k in ('loss', 'grad_norm'))}); stopped before writing a "
+                f"checkpoint of it. {kept}. Lower optim.lr, check the rewards, or keep max_grad_norm > 0, then "
+                "rerun (with --resume to continue from the last good checkpoint).")
 
     def export(self, directory: str) -> str:
         """Writes the policy as a HuggingFace checkpoint (usable as `rl` in decode, transformers, vLLM)."""
@@ -305,18 +334,21 @@ def train(cfg: GRPOConfig, *, policy: CausalLM, tokenizer, rows: Sequence[Mappin
     `cfg.output_dir` (starting fresh if there is none); without it an output_dir that
     already holds checkpoints is an error.
     """
-    workers = cfg.reward_workers
-    rewards = resolve_rewards(cfg.rewards, workers=workers) if reward_fns is None else as_rewards(reward_fns,
-                                                                                                   workers=workers)
-    trainer = GRPOTrainer(cfg, policy=policy, tokenizer=tokenizer, rows=rows, rewards=rewards, ref=ref, mesh=mesh)
-    try:
-        if resume:
-            step = trainer.restore()
-            tqdm.write(f"resumed from step {step}" if step is not None else "no checkpoint to resume; starting fresh")
-        elif trainer.ckpt.steps():
-            raise ValueError(f"{cfg.output_dir} already holds checkpoints (steps {trainer.ckpt.steps()}); "
-                             "pass --resume (resume=True) to continue, or choose another output_dir.")
-        return trainer.run()
-    finally:
-        trainer.close()
+    # one writer per output_dir: a second process training into it is refused (process 0 holds the lock)
+    with DirectoryLock(cfg.output_dir, "output_dir") if is_main() else contextlib.nullcontext():
+        workers = cfg.reward_workers
+        rewards = (resolve_rewards(cfg.rewards, workers=workers) if reward_fns is None
+                   else as_rewards(reward_fns, workers=workers))
+        trainer = GRPOTrainer(cfg, policy=policy, tokenizer=tokenizer, rows=rows, rewards=rewards, ref=ref, mesh=mesh)
+        try:
+            if resume:
+                step = trainer.restore()
+                tqdm.write(f"resumed from step {step}" if step is not None else
+                           "no checkpoint to resume; starting fresh")
+            elif trainer.ckpt.steps():
+                raise ValueError(f"{cfg.output_dir} already holds checkpoints (steps {trainer.ckpt.steps()}); "
+                                 "pass --resume (resume=True) to continue, or choose another output_dir.")
+            return trainer.run()
+        finally:
+            trainer.close()
 

@@ -56,6 +56,17 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Builds a config from the parsed `config.json`; errors name the offending key."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a JSON object of model settings, got a {type(raw).__name__}.")
+        try:
+            return cls._from_hf_dict(raw, source)
+        except (TypeError, ValueError, OverflowError) as err:
+            if str(err).startswith(source):
+                raise
+            raise ValueError(f"{source}: a setting has a value of the wrong type ({err}).") from None
+
+    @classmethod
+    def _from_hf_dict(cls, raw: dict[str, Any], source: str) -> "ModelConfig":
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -71,8 +82,12 @@ class ModelConfig:
                     "num_attention_heads"):
             if key not in raw:
                 raise ValueError(f"{source}: missing required key {key!r}.")
+            if isinstance(raw[key], bool) or not isinstance(raw[key], int) or raw[key] < 1:
+                raise ValueError(f"{source}: {key} must be a whole number >= 1, got {raw[key]!r}.")
         heads = raw["num_attention_heads"]
         kv_heads = raw.get("num_key_value_heads") or heads
+        if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1:
+            raise ValueError(f"{source}: num_key_value_heads must be a whole number >= 1, got {kv_heads!r}.")
         if heads % kv_heads:
             raise ValueError(
                 f"{source}: num_attention_heads={heads} is not a multiple of "
@@ -130,7 +145,9 @@ class ModelConfig:
             with open(path) as f:
                 raw = json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a UTF-8 JSON file; re-download or re-save the checkpoint.") from None
         return cls.from_hf_dict(raw, source=path)
 
     def to_hf_dict(self) -> dict[str, Any]:

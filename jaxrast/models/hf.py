@@ -95,13 +95,19 @@ class _WeightSource:
         self._files: dict[str, SafetensorsFile] = {}
         self._tensors: dict[str, np.ndarray] = {}
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            weight_map = read_weight_map(index, directory)
             for name in sorted(set(weight_map.values())):
-                if not os.path.exists(os.path.join(directory, name)):
+                if not os.path.isfile(os.path.join(directory, name)):
                     raise FileNotFoundError(f"{index} lists shard {name}, which is missing from {directory}; "
                                             "re-download the checkpoint.")
+                if not _resolves_inside(directory, name):
+                    raise ValueError(f"{index} lists shard {name}, a link to a file outside the checkpoint "
+                                     f"directory {directory}; refusing to open it.")
             files = open_checkpoint(directory, sorted(set(weight_map.values())))
+            for tensor, shard in sorted(weight_map.items()):
+                if tensor not in files[shard].entries:
+                    raise ValueError(f"{index} lists tensor {tensor!r} in shard {shard}, which does not hold it; "
+                                     "re-download the checkpoint.")
             self._where = {k: files[v] for k, v in weight_map.items()}
         elif os.path.exists(single):
             f = SafetensorsFile(single)
@@ -129,19 +135,75 @@ class _WeightSource:
         return self._tensors[name] if name in self._tensors else self._where[name].get(name)
 
 
+def _resolves_inside(directory: str, name: str) -> bool:
+    """Whether `directory/name`, links followed, stays inside `directory` (or, for a
+    HuggingFace cache snapshot `<repo>/snapshots/<rev>`, inside `<repo>`, whose `blobs/`
+    its files link to)."""
+    root = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(directory, name))
+    roots = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        roots.append(os.path.dirname(os.path.dirname(root)))
+    return any(os.path.commonpath([r, target]) == r for r in roots)
+
+
+def read_weight_map(index: str, directory: str) -> dict[str, str]:
+    """The `weight_map` (tensor -> shard file) of a shard index file, checked: a JSON object
+    of tensor names to file names, each inside `directory` (an absolute path or a `..` is
+    refused: the index must not make jaxrast open another checkpoint's or the system's files)."""
+    fix = "re-download the checkpoint or rewrite the index"
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                         f"{fix}.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{index} is not a UTF-8 JSON file; {fix}.") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no \"weight_map\" object of tensor names to shard files; {fix}.")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ValueError(f"{index}: tensor {tensor!r} maps to {type(shard).__name__} {shard!r}, not a shard "
+                             f"file name; {fix}.")
+        parts = shard.replace("\\", "/").split("/")
+        if os.path.isabs(shard) or ".." in parts or os.path.normpath(shard).startswith(".."):
+            raise ValueError(f"{index}: tensor {tensor!r} maps to shard {shard!r}, outside the checkpoint directory "
+                             f"{directory}; shard paths must be file names inside it. Refusing to open it.")
+    return weight_map
+
+
 def _load_pickle_weights(directory: str) -> dict[str, np.ndarray]:
-    """Opt-in loading of `pytorch_model.bin` files via torch (weights only)."""
+    """Opt-in loading of `pytorch_model.bin` files via torch (weights only: torch refuses
+    any pickle that would build other objects than tensors, and that refusal is a ValueError
+    naming the file)."""
     try:
         import torch
     except ImportError as err:
         raise ImportError("loading pytorch_model.bin needs torch installed (pip install torch).") from err
+    import pickle
+
     import ml_dtypes
     index = os.path.join(directory, "pytorch_model.bin.index.json")
-    names = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
+    names = (sorted(set(read_weight_map(index, directory).values())) if os.path.exists(index)
              else ["pytorch_model.bin"])
     out = {}
     for name in names:
-        state = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory} lacks the pickle weights file {name}; re-download the checkpoint.")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as err:
+            boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = next((line[:200] for line in lines if not line.startswith(boilerplate)), type(err).__name__)
+            raise ValueError(f"{path}: torch refused to load it as plain weights ({reason}). The file holds more "
+                             "than tensors (a pickle that would run code or build other objects) or is corrupt; "
+                             "nothing of it ran. Use a safetensors checkpoint from a trusted source.") from None
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise ValueError(f"{path}: expected a mapping of tensor names to tensors; use a safetensors checkpoint.")
         for key, t in state.items():
             if t.dtype == torch.bfloat16:
                 out[key] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -156,17 +218,23 @@ def load_tokenizer(directory: str):
         warnings.warn(f"{directory} has no tokenizer files; returning tokenizer=None.", stacklevel=3)
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - any failure reading the user's files is named, not a traceback
+        detail = next((line.strip()[:200] for line in str(err).splitlines() if line.strip()), "")
+        raise ValueError(f"{directory}: its tokenizer files cannot be read ({type(err).__name__}: {detail}); "
+                         "re-download the checkpoint or re-save its tokenizer.") from None
 
 
-def check_tokenizers_compatible(base_tok, other_tok, name: str) -> None:
+def check_tokenizers_compatible(base_tok, other_tok, name: str, base_name: str = "the base model") -> None:
     """Refuses a model whose tokenizer differs from the base's beyond padding; `name` says
-    which model (its path), so the error blames the right checkpoint."""
+    which model (its path) and `base_name` which one it was compared with, so the error
+    blames the right checkpoint."""
     if base_tok is None or other_tok is None:
         return
     if base_tok.get_vocab() != other_tok.get_vocab():
         diff = len(set(base_tok.get_vocab().items()) ^ set(other_tok.get_vocab().items()))
-        raise ValueError(f"{name}'s tokenizer differs from the base model's ({diff} token/id mappings "
+        raise ValueError(f"{name}'s tokenizer differs from {base_name}'s ({diff} token/id mappings "
                          "differ); RAST combines logits id by id, so every model must share one vocabulary.")
 
 

@@ -32,31 +32,52 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 class SafetensorsFile:
-    """A safetensors file opened as a memory map; `get(name)` returns a lazy numpy view."""
+    """A safetensors file opened as a memory map; `get(name)` returns a lazy numpy view.
+
+    The header is checked when the file is opened: every problem (a header that is not a
+    JSON object, an entry without a dtype, shape or offsets, offsets that do not match the
+    shape, overlap or run past the end of the file) is a ValueError naming the file and the
+    tensor. Messages never quote the file's bytes."""
 
     def __init__(self, path: str):
         self.path = path
+        fix = "re-download or re-save it"
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
-                raise ValueError(f"{path}: truncated safetensors file (no header); re-download or re-save it.")
+                raise ValueError(f"{path}: truncated safetensors file (no header); {fix}.")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > min(_MAX_HEADER, size - 8):
-                raise ValueError(f"{path}: corrupt or truncated safetensors header ({header_len} bytes "
-                                 f"announced, file has {size}); re-download or re-save it.")
+                raise ValueError(f"{path}: not a safetensors file, or a corrupt or truncated one (its header length "
+                                 f"does not fit the file's {size} bytes); {fix}.")
             try:
                 header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(f"{path}: corrupt safetensors header ({err}); re-download or re-save it.") from err
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self.entries: dict[str, dict] = header
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: corrupt safetensors header (not JSON: {err.msg} at byte "
+                                 f"{err.pos + 8}); {fix}.") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}: corrupt safetensors header (not UTF-8 text); {fix}.") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object "
+                             f"of tensors); {fix}.")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{path}: corrupt safetensors header (__metadata__ is not an object); {fix}.")
+        self.metadata = metadata
         self._data_start = 8 + header_len
-        data_len = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self._data_start + data_len > size:
+        self.entries: dict[str, dict] = {name: _checked_entry(path, name, e) for name, e in header.items()}
+        data_len = size - self._data_start
+        spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name) for name, e in self.entries.items())
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise ValueError(f"{path}: corrupt safetensors header: tensors {a!r} and {b!r} overlap; {fix}.")
+        if spans and max(end for _, end, _ in spans) > data_len:
+            name = max(spans, key=lambda t: t[1])[2]
             raise ValueError(
-                f"{path}: truncated safetensors file: tensors need {self._data_start + data_len} bytes, "
-                f"file has {size}. The download or save was interrupted; fetch/write it again.")
+                f"{path}: truncated safetensors file: tensor {name!r} needs "
+                f"{self._data_start + self.entries[name]['data_offsets'][1]} bytes, file has {size}. "
+                "The download or save was interrupted; fetch/write it again.")
         self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size else None
 
     def keys(self) -> list[str]:
@@ -67,13 +88,43 @@ class SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy view on the file (no bytes read until sliced)."""
+        if name not in self.entries:
+            raise ValueError(f"{self.path} holds no tensor {name!r}; re-download or re-save the checkpoint.")
         entry = self.entries[name]
-        dtype = _DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}.")
+        dtype = _DTYPES[entry["dtype"]]
         start, end = entry["data_offsets"]
         flat = self._mmap[self._data_start + start:self._data_start + end]
         return flat.view(dtype).reshape(entry["shape"])
+
+
+def _checked_entry(path: str, name: str, entry: object) -> dict:
+    """A header entry, checked: a known dtype, a shape of whole numbers >= 0 and offsets
+    [start, end] with end - start = the shape's size in bytes."""
+    where = f"{path}: tensor {name!r}"
+    fix = "the file is corrupt or not written by a safetensors writer; re-download or re-save it"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: its header entry is not an object; {fix}.")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise ValueError(f"{where}: its header entry has no {' or '.join(missing)}; {fix}.")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        shown = repr(dtype) if isinstance(dtype, str) and len(dtype) <= 16 else "an unknown value"
+        raise ValueError(f"{where} has unsupported dtype {shown}; jaxrast reads {', '.join(_DTYPES)}.")
+
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(shape, list) or not all(whole(d) for d in shape):
+        raise ValueError(f"{where}: its shape is not a list of whole numbers >= 0; {fix}.")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(whole(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ValueError(f"{where}: its data_offsets are not [start, end] byte offsets with start <= end; {fix}.")
+    nbytes = _DTYPES[dtype].itemsize * int(np.prod(shape, dtype=np.int64))
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but its data_offsets span "
+                         f"{offsets[1] - offsets[0]}; {fix}.")
+    return entry
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None) -> None:

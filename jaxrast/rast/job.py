@@ -8,19 +8,18 @@ would have produced.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import zlib
 from typing import Annotated, Any, Callable, Literal
 
 from pydantic import Field
 
-from jaxrast.data.jsonl import append_rows, finished_everywhere
+from jaxrast.data.jsonl import OutputFile, prompt_hash, shared_from_main
 from jaxrast.data.prompts import encode_prompts, get_template, render
-from jaxrast.models.cache import ModelCache
-from jaxrast.runtime.config import Finite, NonNegative, Positive, Texts, config_dataclass
+from jaxrast.models.cache import ModelCache, checkpoint_key
+from jaxrast.runtime.config import Finite, Fraction, NonNegative, Positive, Texts, config_dataclass
 from jaxrast.runtime.distributed import is_main, on_every_process, process_count
+from jaxrast.runtime.files import check_writable
 
 DEFAULT_STOP = ("\nQuestion:",)  # the paper's prompt: base models go on to invent a next question
 
@@ -35,7 +34,7 @@ class DecodeConfig:
     limit: Positive | None = None  # first N rows only
     prompt_template: str = "paper"  # "paper", "qwen_boxed" or a format string over the row
     temperature: Annotated[Finite, Field(ge=0)] = 1.0  # 0: greedy
-    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    top_p: Fraction = 0.95
     top_k: NonNegative = 0  # 0: off
     n: Positive = 1
     max_new_tokens: Positive = 1024
@@ -78,15 +77,19 @@ def load_decode_models(cfg: DecodeConfig, mode: str, load: ModelCache) -> tuple[
     (the small models are never loaded) or the base with every pair."""
     from jaxrast.rast.ensemble import Pair
 
-    if mode in ("rast", "rl") and not cfg.pairs:
-        raise ValueError(f"mode {mode!r} needs a pair: --pair RL REF LAM (or --rl/--ref/--lam).")
-    if mode in ("rast", "base") and not cfg.base:
-        raise ValueError(f"mode {mode!r} needs --base.")
+    check_models(cfg, mode)
     if mode == "rl":  # the small RL model alone: neither the base nor any ref is loaded
         return load(cfg.pairs[0][0]), [], load.tokenizer
     base = load(cfg.base)
     pairs = [Pair(load(rl), load(ref), float(lam)) for rl, ref, lam in cfg.pairs] if mode == "rast" else []
     return base, pairs, load.tokenizer
+
+
+def check_models(cfg: DecodeConfig, mode: str) -> None:
+    if mode in ("rast", "rl") and not cfg.pairs:
+        raise ValueError(f"mode {mode!r} needs a pair: --pair RL REF LAM (or --rl/--ref/--lam).")
+    if mode in ("rast", "base") and not cfg.base:
+        raise ValueError(f"mode {mode!r} needs --base.")
 
 
 @dataclasses.dataclass
@@ -99,22 +102,77 @@ class DecodeRun:
     kept: list[tuple[list[int], list[int], str, int]] = dataclasses.field(default_factory=list)
 
 
+def encode_checked(cfg: DecodeConfig, mode: str, rows: list[dict], prompts: list[str]) -> list[list[int]] | None:
+    """The prompts' token ids, before any model loads (None: the checkpoint has no
+    tokenizer). Every prompt must encode, and fit with max_new_tokens into every model's
+    max_position_embeddings (past it the models decode positions they were never trained
+    on: degraded text, and memory sized for positions that do not exist). Reads only the
+    config.json files and the first model's tokenizer (the one decoding uses)."""
+    from jaxrast.models.config import ModelConfig
+    from jaxrast.models.hf import load_tokenizer, resolve_checkpoint
+
+    paths = [str(p) for p in decode_model_paths(cfg, mode)]
+    dirs = [resolve_checkpoint(p) for p in paths]
+    limits = [ModelConfig.from_file(d).max_position_embeddings for d in dirs]
+    tok = load_tokenizer(dirs[0])
+    if tok is None:
+        return None  # decoding refuses it with its own message
+    prompt_ids = encode_prompts(tok, prompts)  # once: decoding and --save-token-ids share them
+    lengths = [len(ids) for ids in prompt_ids]
+    limit = min(limits)
+    model = paths[limits.index(limit)]
+    over = [(r["id"], n) for r, n in zip(rows, lengths) if n + cfg.max_new_tokens > limit]
+    if over:
+        row_id, n = max(over, key=lambda t: t[1])
+        fit = limit - max(lengths)
+        fix = (f"lower --max-new-tokens to {fit} or less" if fit >= 1 else "shorten the prompts") + \
+            " or drop (--limit) the longest rows"
+        raise ValueError(f"{len(over)} of {len(rows)} prompts are too long: row {row_id!r} has {n} prompt tokens, "
+                         f"plus --max-new-tokens {cfg.max_new_tokens} = {n + cfg.max_new_tokens} positions, beyond "
+                         f"max_position_embeddings = {limit} of {model}; {fix}.")
+    return prompt_ids
+
+
+def decode_model_paths(cfg: DecodeConfig, mode: str) -> list[str]:
+    """The checkpoints `mode` decodes with, base (or the rl model alone) first."""
+    if mode == "rl":
+        return [cfg.pairs[0][0]] if cfg.pairs else []
+    if mode == "base":
+        return [cfg.base] if cfg.base else []
+    return [p for p in (cfg.base, *(path for pair in cfg.pairs for path in pair[:2])) if p]
+
+
+def _resolved_models(models: Any) -> Any:
+    """Model paths as recorded and compared: resolved (`./ckpt`, `ckpt/`: one model); a value
+    that is not a list of paths (another program's row) is left as it is, to differ."""
+    if not isinstance(models, list):
+        return models
+    return [checkpoint_key(m) if isinstance(m, str) else m for m in models]
+
+
 def run_decode(cfg: DecodeConfig, progress: bool | None = None,
                keep: Callable[[str, int], bool] | None = None) -> DecodeRun:
     """Runs the job; returns its summary (rows written, skipped, tokens) and the rows `keep`
     selects as (prompt_ids, token_ids, id, sample).
 
-    In a multi-process run every process decodes (each feeding its devices' slices of the
-    batch) and only process 0 reads and writes `cfg.out`, on its own file system.
+    Everything a user can get wrong is found before a model loads: the data, the settings,
+    the output (writable, not locked by another process, ours and matching on resume) and
+    the prompt lengths. In a multi-process run every process decodes (each feeding its
+    devices' slices of the batch) and only process 0 reads and writes `cfg.out`, on its own
+    file system.
     """
     from jaxrast.data.rows import canonical_name, is_benchmark, load_rows
+    from jaxrast.rast.combine import lam_schedule
     from jaxrast.rast.decoding import RAST, SamplingParams
     from jaxrast.runtime.mesh import parse_mesh
 
     mode = cfg.resolved_mode()
     template = get_template(cfg.prompt_template)
+    check_models(cfg, mode)
+    lam_schedule(cfg.lam_schedule)  # a bad schedule is named now, not after the models load
     rows = on_every_process(lambda: load_rows(cfg.dataset, cfg.fields, require_answer=False), "reading the dataset")
     rows = rows[: cfg.limit]
+    prompts = [render(template, r) for r in rows]
     benchmark = canonical_name(cfg.dataset) if cfg.fields is None and is_benchmark(cfg.dataset) else None
     lams = [float(p[2]) for p in cfg.pairs] if mode == "rast" else []
     # checked before any model is loaded
@@ -122,53 +180,68 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None,
                             max_new_tokens=cfg.max_new_tokens, n=cfg.n, stop_strings=tuple(cfg.stop),
                             seed=cfg.seed, min_tokens=cfg.min_tokens, continue_text=cfg.continue_text)
     # Everything that shapes a row's text: rows written under other settings must not be mixed in.
+    # Model paths are recorded resolved (`./ckpt`, `ckpt/` and its absolute path are one model).
     models = {"rl": [cfg.pairs[0][0]] if cfg.pairs else [], "base": [cfg.base],
               "rast": [cfg.base, *(str(path) for p in cfg.pairs for path in p[:2])]}[mode]
     run = {"seed": cfg.seed, "mode": mode, "lam": lams, "temperature": cfg.temperature, "top_p": cfg.top_p,
            "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop),
            "lam_schedule": cfg.lam_schedule if mode == "rast" else None, "prompt_template": template,
-           "models": models, "min_tokens": cfg.min_tokens, "continue_text": cfg.continue_text}
-    finished = finished_everywhere(cfg.out, run)
-    todo = [r for r in rows if any((r["id"], s) not in finished for s in range(cfg.n))]
+           "models": _resolved_models(models), "min_tokens": cfg.min_tokens, "continue_text": cfg.continue_text}
+    output = OutputFile(cfg.out) if is_main() else None
+    by_id = {r["id"]: p for r, p in zip(rows, prompts)}
+
+    def open_output():  # process 0; its refusal reaches every process
+        if cfg.trace_rows:
+            check_writable(cfg.trace_out or cfg.out.removesuffix(".jsonl") + ".trace.jsonl", "--trace-out")
+        return output.open(run, by_id, normalise={"models": _resolved_models})
+
+    finished = shared_from_main(open_output)
+    try:
+        return _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, progress, keep,
+                       RAST, parse_mesh)
+    finally:
+        if output is not None:
+            output.close()
+
+
+def _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, progress, keep, RAST, parse_mesh):
+    todo_idx = [i for i, r in enumerate(rows) if any((r["id"], s) not in finished for s in range(cfg.n))]
+    todo, prompts = [rows[i] for i in todo_idx], [prompts[i] for i in todo_idx]
     result = DecodeRun({"rows": len(rows), "skipped": len(rows) - len(todo), "written": 0, "tokens": 0,
                         "out": cfg.out})
     if not todo:
         return result
+    prompt_ids = on_every_process(lambda: encode_checked(cfg, mode, todo, prompts), "checking the prompts")
     # Several processes without a mesh would each decode everything on one device: use them all.
     mesh = parse_mesh(cfg.mesh or ("1,-1,1" if process_count() > 1 else None))
     load = ModelCache(dtype=cfg.dtype, mesh=mesh, allow_pickle=cfg.allow_pickle)
     model, pairs, tok = on_every_process(lambda: load_decode_models(cfg, mode, load), "loading the models")
-    if tok is None:
+    if tok is None or prompt_ids is None:
         raise ValueError("the checkpoint has no tokenizer files; decoding text needs one.")
     engine = result.engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
                                   batch_size=cfg.batch_size, cache_segments=cfg.cache_segments, workers=cfg.workers,
                                   scheduler=cfg.scheduler, steps_per_call=cfg.steps_per_call,
                                   speculative=cfg.speculative if mode == "rast" else 0,
                                   speculative_mode=cfg.speculative_mode)
-    prompts = [render(template, r) for r in todo]
-    prompt_ids = encode_prompts(tok, prompts)  # once: decoding and --save-token-ids share them
-    main = is_main()
-    if main:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    with open(cfg.out, "a", encoding="utf-8") if main else contextlib.nullcontext() as out:
-        for batch in engine.generate_iter(prompt_ids, params, row_ids=[row_uid(r["id"]) for r in todo],
-                                          progress=progress if main else False):
-            records = []
-            for c in batch:
-                row = todo[c.index]
-                if (row["id"], c.sample) in finished:
-                    continue  # written before a crash; the new sample is identical
-                record = {"id": row["id"], "benchmark": benchmark, "prompt": prompts[c.index], "sample": c.sample,
-                          "completion": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason, **run}
-                if cfg.save_token_ids:
-                    record.update(prompt_ids=prompt_ids[c.index], token_ids=c.token_ids)
-                if keep is not None and keep(row["id"], c.sample):
-                    result.kept.append((prompt_ids[c.index], c.token_ids, row["id"], c.sample))
-                records.append(record)
-                result.summary["tokens"] += c.num_tokens
-            if out is not None:
-                append_rows(out, records)
-            result.summary["written"] += len(records)
+    for batch in engine.generate_iter(prompt_ids, params, row_ids=[row_uid(r["id"]) for r in todo],
+                                      progress=progress if output is not None else False):
+        records = []
+        for c in batch:
+            row = todo[c.index]
+            if (row["id"], c.sample) in finished:
+                continue  # written before a crash; the new sample is identical
+            record = {"id": row["id"], "benchmark": benchmark, "prompt": prompts[c.index],
+                      "prompt_hash": prompt_hash(prompts[c.index]), "sample": c.sample, "completion": c.text,
+                      "num_tokens": c.num_tokens, "finish_reason": c.finish_reason, **run}
+            if cfg.save_token_ids:
+                record.update(prompt_ids=prompt_ids[c.index], token_ids=c.token_ids)
+            if keep is not None and keep(row["id"], c.sample):
+                result.kept.append((prompt_ids[c.index], c.token_ids, row["id"], c.sample))
+            records.append(record)
+            result.summary["tokens"] += c.num_tokens
+        if output is not None:
+            output.append(records)
+        result.summary["written"] += len(records)
     stats = engine.scheduler_stats()
     if stats is not None and stats.acceptance is not None:
         result.summary.update(acceptance=stats.acceptance, accepted_length=stats.accepted_length)

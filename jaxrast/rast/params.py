@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,14 +25,16 @@ class SamplingParams:
     entropies: bool = False  # True: record the entropy of softmax(z / τ) at each step (GRPO statistics)
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < 0 or self.max_new_tokens < 1 or self.n < 1 or self.min_tokens < 0:
             raise ValueError("top_k must be >= 0, max_new_tokens >= 1, n >= 1 and min_tokens >= 0.")
         if not 0 <= self.seed < 2**31:
             raise ValueError(f"seed must be in [0, 2**31), got {self.seed}.")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("a stop string cannot be empty (every completion would be empty).")
 
 
 @dataclasses.dataclass

@@ -26,7 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -36,6 +40,7 @@ ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 ENV_SWITCH = "JAXRAST_DISTRIBUTED"  # 1: like --distributed; 0: like --no-distributed
+DEFAULT_TIMEOUT_S = 300.0
 
 _FIX = ("start every process with the same --coordinator HOST:PORT (process 0's address) and "
         "--num-processes N, and its own --process-id 0..N-1 (or set JAX_COORDINATOR_ADDRESS, "
@@ -54,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
                        help="--distributed: initialise jax.distributed, letting JAX detect unset values on a TPU VM, "
                             "SLURM or Open MPI; --no-distributed: run as one process whatever the environment says")
+    group.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                       help=f"how long the processes wait for each other to start (default {DEFAULT_TIMEOUT_S:g}); "
+                            "while waiting each says whom it waits for")
 
 
 @dataclass(frozen=True)
@@ -129,12 +137,22 @@ def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] |
     return settings
 
 
-def maybe_initialize(args: argparse.Namespace | None = None, *, timeout_s: int = 300) -> bool:
+def maybe_initialize(args: argparse.Namespace | None = None, *, timeout_s: float | None = None) -> bool:
     """Starts `jax.distributed` when `resolve` says so; returns whether this is a
     multi-process run. Call it before anything touches devices. A no-op when already
-    initialised (a second command in the same process)."""
+    initialised (a second command in the same process).
+
+    While the processes wait for each other, each prints whom it waits for every few
+    seconds; if they have not all started after `timeout_s` (default: the flag
+    `--distributed-timeout`, else 300 s), the process stops with exit code 2 and a message
+    saying so (JAX itself would abort with a stack trace)."""
     import jax
 
+    if timeout_s is None:
+        flag = getattr(args, "distributed_timeout", None)
+        timeout_s = DEFAULT_TIMEOUT_S if flag is None else flag
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"--distributed-timeout must be a number of seconds > 0, got {timeout_s}.")
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     settings = resolve(args)
@@ -143,12 +161,65 @@ def maybe_initialize(args: argparse.Namespace | None = None, *, timeout_s: int =
     if not jax.config.jax_cpu_collectives_implementation:
         # CPU devices talk across processes only through a collectives library; gloo ships with jaxlib.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    waiting = _Waiting(settings, timeout_s)
+    waiting.start()
     try:
+        # JAX's own deadline is later than ours: the watchdog, not an abort in C++, reports a timeout
         jax.distributed.initialize(settings.coordinator, settings.num_processes, settings.process_id,
-                                   initialization_timeout=timeout_s)
+                                   initialization_timeout=int(math.ceil(timeout_s)) + 60)
     except ValueError as err:  # JAX's cluster detection found nothing to fill the gaps
         raise ValueError(f"jax.distributed could not start ({err}): {_FIX}.") from err
+    finally:
+        waiting.stop()
     return jax.process_count() > 1
+
+
+class _Waiting:
+    """While `jax.distributed.initialize` blocks: a line to stderr every `interval` seconds
+    saying whom this process waits for; at `timeout_s`, a last line and exit code 2."""
+
+    def __init__(self, settings: Settings, timeout_s: float, interval: float | None = None):
+        self.settings, self.timeout_s = settings, timeout_s
+        self.interval = interval if interval is not None else min(30.0, max(1.0, timeout_s / 10))
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="jaxrast-distributed-wait", daemon=True)
+
+    def whom(self) -> tuple[str, str]:
+        """(this process, what it waits for), e.g. ('process 0 of 2', 'process 1 to connect to 10.0.0.1:1234')."""
+        s = self.settings
+        where = s.coordinator or "the coordinator JAX detects"
+        of = f" of {s.num_processes}" if s.num_processes else ""
+        if s.process_id == 0 and s.num_processes:
+            others = "process 1" if s.num_processes == 2 else f"processes 1..{s.num_processes - 1}"
+            return f"process 0{of}", f"{others} to connect to {where}"
+        me = f"process {s.process_id}" if s.process_id is not None else "this process"
+        return f"{me}{of}", f"the coordinator (process 0) at {where} and the other processes"
+
+    def start(self) -> None:
+        self._start = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._done.set()
+
+    def _watch(self) -> None:
+        deadline = self._start + self.timeout_s
+        while not self._done.wait(min(self.interval, max(0.0, deadline - time.monotonic()))):
+            elapsed = time.monotonic() - self._start
+            with self._lock:
+                if self._done.is_set():
+                    return
+                me, target = self.whom()
+                if elapsed >= self.timeout_s:
+                    print(f"jaxrast: error: {me} gave up waiting for {target} after {self.timeout_s:g} s: not every "
+                          "process started. Start all of them (each with the same --coordinator and "
+                          "--num-processes, its own --process-id) or wait longer with --distributed-timeout SECONDS.",
+                          file=sys.stderr, flush=True)
+                    os._exit(2)  # the main thread is blocked inside the runtime; nothing was written yet
+                print(f"jaxrast: {me} waiting for {target} ({elapsed:.0f} s of {self.timeout_s:g} s; "
+                      "--distributed-timeout)", file=sys.stderr, flush=True)
 
 
 def process_count() -> int:

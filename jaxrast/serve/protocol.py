@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+from jaxrast.runtime.config import Finite
+
 MAX_STOP = 4  # as OpenAI
 
 
