@@ -163,8 +163,7 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None,
     """
     from jaxrast.data.rows import canonical_name, is_benchmark, load_rows
     from jaxrast.rast.combine import lam_schedule
-    from jaxrast.rast.decoding import RAST, SamplingParams
-    from jaxrast.runtime.mesh import parse_mesh
+    from jaxrast.rast.params import SamplingParams
 
     mode = cfg.resolved_mode()
     template = get_template(cfg.prompt_template)
@@ -197,14 +196,17 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None,
 
     finished = shared_from_main(open_output)
     try:
-        return _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, progress, keep,
-                       RAST, parse_mesh)
+        return _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, progress, keep)
     finally:
         if output is not None:
             output.close()
 
 
-def _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, progress, keep, RAST, parse_mesh):
+def _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, progress, keep) -> DecodeRun:
+    """The decoding half of `run_decode`, once the output is open: the rows not yet written."""
+    from jaxrast.rast.decoding import RAST
+    from jaxrast.runtime.mesh import parse_mesh
+
     todo_idx = [i for i, r in enumerate(rows) if any((r["id"], s) not in finished for s in range(cfg.n))]
     todo, prompts = [rows[i] for i in todo_idx], [prompts[i] for i in todo_idx]
     result = DecodeRun({"rows": len(rows), "skipped": len(rows) - len(todo), "written": 0, "tokens": 0,
