@@ -149,7 +149,7 @@ def test_toy_family_greedy_engine_equals_static_path():
 
     fam = load_family()
     (s_base, tok), (s_rl, _), (m_base, _) = fam["s_base"], fam["s_rl"], fam["m_base"]
-    prompts = [r["question"] for r in ChainTask().rows(24, seed=5)]
+    prompts = [r["question"] for r in ChainTask().rows(12, seed=5)]
     params = SamplingParams(temperature=0, max_new_tokens=64)
     runs = [_paths(RAST(m_base, [Pair(s_rl, s_base, 1.0)], tokenizer=tok, batch_size=8, scheduler=s), prompts, params)
             for s in ("static", "continuous")]

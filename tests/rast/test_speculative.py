@@ -36,15 +36,21 @@ def test_greedy_speculative_equals_plain_rast(models, setup):
     params = SamplingParams(temperature=0, max_new_tokens=40)
     plain = _paths(RAST(base, pairs, tokenizer=tok, batch_size=4), params)
     ms = [base, *(m for p in pairs for m in (p.rl, p.ref))]
+    # one engine drafting up to 5 tokens; each request takes its own γ (1, 3 or 5) per round
+    spec = RAST(base, pairs, tokenizer=tok, batch_size=4, speculative=5)
+    sched = spec.engine_for(128)
     for gamma in (1, 3, 5):
-        spec = RAST(base, pairs, tokenizer=tok, batch_size=4, speculative=gamma)
-        got = _paths(spec, params)
-        for prompt, a, b in zip(PROMPTS, plain, got):
+        requests = [Request(tok(p, add_special_tokens=False)["input_ids"],
+                            RequestParams(max_tokens=40, temperature=0.0, stop_ids=(tok.eos_token_id,), gamma=gamma,
+                                          lam=tuple(p.lam for p in pairs)), tag=i) for i, p in enumerate(PROMPTS)]
+        drafted = sched.stats.drafted
+        assert sum(len(b) for b in sched.run(requests)) == len(PROMPTS)
+        for prompt, a, r in zip(PROMPTS, plain, requests):
             ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            z = np.asarray(combined_logits(ms, [p.lam for p in pairs], tok, ids, a)) if a != b else None
-            assert_same_up_to_ties(a, b, z)
-        stats = spec._scheduler[1].stats
-        assert stats.drafted > 0 and 1.0 <= stats.accepted_length <= gamma + 1
+            z = np.asarray(combined_logits(ms, [p.lam for p in pairs], tok, ids, a)) if a != r.token_ids else None
+            assert_same_up_to_ties(a, r.token_ids, z)
+        assert sched.stats.drafted > drafted
+    assert 1.0 <= sched.stats.accepted_length <= 6
 
 
 def _target(models_, lams, tok, prefix, temperature, top_p):
