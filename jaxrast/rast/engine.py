@@ -38,7 +38,7 @@ from jaxrast.models.partitioning import cache_sharding
 from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.ensemble import Combination
 from jaxrast.rast.sampling import row_entropies, sample_rows
-from jaxrast.rast.speculative import speculative_round
+from jaxrast.rast.speculative import live_length, speculative_round
 
 
 def stream_keys(seed: jax.Array, row_ids: jax.Array, samples: jax.Array) -> jax.Array:
@@ -267,9 +267,10 @@ class Engine:
     def _step(self, models, caches, slots: Slots):
         """One token for every slot: feed the pending tokens, sample the next ones."""
         logits, new_caches = [], []
+        kv_len = live_length(slots) + 1
         for m, cache in zip(models, caches):
             out, cache = m(slots.token[:, None], slots.length[:, None], cache=cache.replace(index=slots.length),
-                           last_only=True)
+                           last_only=True, kv_len=kv_len)
             logits.append(out[:, -1])
             new_caches.append(cache)
         z = self.combination(logits, slots.generated, self.vocab, lams=slots.lam.T[:self.num_pairs])

@@ -39,6 +39,12 @@ def _mask_stops(z: jax.Array, slots, early: jax.Array) -> jax.Array:
     return z.at[rows, slots.stop_ids].min(blocked, mode="drop")
 
 
+def live_length(slots) -> jax.Array:
+    """[] the longest active slot's length: attention reads the cache below it (plus the
+    positions being fed), never a free slot's stale keys or the unused tail."""
+    return jnp.max(jnp.where(slots.active, slots.length, 0))
+
+
 def _probs(z: jax.Array, slots) -> jax.Array:
     return row_probs(z, slots.temperature, slots.top_k, slots.top_p)
 
@@ -51,10 +57,12 @@ def speculative_round(engine, models, caches, slots, gamma: int):
     # γ = 0 for slots whose draft is their target (the rl model alone) or that may force a continue text
     g_eff = jnp.where(slots.rl_only | (slots.forced_len > 0), 0, jnp.minimum(slots.gamma, gamma))
 
+    kv_len = live_length(slots) + gamma + 1  # every position this round feeds
+
     def draft(carry, j):
         cache, tok = carry
         out, cache = models[rl](tok[:, None], (slots.length + j)[:, None], cache=cache.replace(index=slots.length + j),
-                                last_only=True)
+                                last_only=True, kv_len=kv_len)
         z = _mask_stops(out[:, -1, :vocab], slots, slots.generated + j < slots.min_tokens)
         q = _probs(z, slots)
         d = jnp.where(slots.temperature > 0, draw_probs(_keys(slots, slots.generated + j, 1), q),
@@ -70,7 +78,7 @@ def speculative_round(engine, models, caches, slots, gamma: int):
     positions = slots.length[:, None] + jnp.arange(gamma + 1)
     logits = []
     for i, (m, cache) in enumerate(zip(models, caches)):
-        out, caches[i] = m(seq, positions, cache=cache.replace(index=slots.length))
+        out, caches[i] = m(seq, positions, cache=cache.replace(index=slots.length), kv_len=kv_len)
         logits.append(out)
     index = slots.generated[:, None] + jnp.arange(gamma + 1)  # each position's token index
     z = engine.combination(logits, index, vocab, lams=slots.lam.T[:engine.num_pairs, :, None])
