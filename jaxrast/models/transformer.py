@@ -26,8 +26,11 @@ _MASKED = -1e30
 # Keys per block when a decode call reads only the cache positions below a bound
 # (`kv_len`): the engine's slots hold max_len positions (1088 for 1024-token budgets) while
 # the longest live row is usually far shorter; reading the whole cache every step cost the
-# long-tail benchmark ~2x its tokens/s on CPU.
+# long-tail benchmark ~2x its tokens/s on CPU (630 -> 913 tok/s with blocks, random 10M/1M
+# models, 1088 positions). The block loop has a fixed cost per layer that halved the toy
+# family's tokens/s (256 positions: 12.6K -> 6.6K), so short caches are read whole.
 KV_BLOCK = 128
+BLOCKED_FROM = 4 * KV_BLOCK
 
 
 
@@ -96,8 +99,8 @@ class Attention(nnx.Module):
 
         Without a cache the keys are this call's own tokens (s = t); with one, the new keys
         are written at `index` and the queries attend over the whole cache (s = max_len),
-        or, with `kv_len` [] (a bound above every query's position), over its first
-        blocks only (`blocked_attention`). Returns (out [b, t, h], k_cache, v_cache).
+        or, with `kv_len` [] (a bound above every query's position) and a long cache, over
+        its first blocks only (`blocked_attention`). Returns (out [b, t, h], k_cache, v_cache).
         """
         cfg = self.cfg
         b, t, _ = x.shape
@@ -121,7 +124,7 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
         # query_slots [t] (every row) or [b, t] (rows at their own positions)
         allowed = (jnp.arange(s) <= query_slots[..., None]) & key_mask[:, None, :]  # [b, t, s]
-        if kv_len is not None:
+        if kv_len is not None and s >= BLOCKED_FROM:
             out = blocked_attention(q, k, v, allowed, kv_len)
         else:
             scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -233,7 +236,8 @@ class CausalLM(nnx.Module):
         logits_from: return logits of positions logits_from.. only ([batch, time -
             logits_from, vocab]): scoring a completion skips the prompt's projections.
         kv_len: with a cache, [] int32 above every query's cache position: attention reads
-            only the cache's first blocks up to it (the engine's bound over its live slots).
+            only the cache's first blocks up to it (the engine's bound over its live slots)
+            when the cache holds at least `BLOCKED_FROM` positions.
         Returns (logits [batch, time, vocab] float32, updated cache or None).
         """
         b, t = tokens.shape

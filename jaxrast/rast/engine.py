@@ -255,14 +255,15 @@ class Engine:
 
     # ---- decode ------------------------------------------------------------------------------
 
-    def decode(self, state: DecodeState, release: np.ndarray, exit_after: int, speculative: bool = False
-               ) -> tuple[DecodeState, StepOutput]:
-        """Up to `spec.steps` steps for every active slot (speculative: rounds of up to γ + 1
-        tokens). `release` [S]: slots the host has ended (a stop string, a cancelled
-        request), deactivated first. The call returns after the step in which `exit_after`
-        rows have finished (requests wait for slots)."""
+    def decode(self, state: DecodeState, release: np.ndarray, exit_after: int, speculative: bool = False,
+               max_steps: int | None = None) -> tuple[DecodeState, StepOutput]:
+        """Up to `spec.steps` steps (or `max_steps`, fewer: the same program) for every
+        active slot (speculative: rounds of up to γ + 1 tokens). `release` [S]: slots the
+        host has ended (a stop string, a cancelled request), deactivated first. The call
+        returns after the step in which `exit_after` rows have finished (requests wait)."""
         gamma = self.spec.gamma if speculative else 0
-        return self._decode(self._states(), state, release, np.int32(exit_after), gamma=gamma)
+        limit = np.int32(self.spec.steps if max_steps is None else min(max_steps, self.spec.steps))
+        return self._decode(self._states(), state, release, np.int32(exit_after), limit, gamma=gamma)
 
     def _step(self, models, caches, slots: Slots):
         """One token for every slot: feed the pending tokens, sample the next ones."""
@@ -313,12 +314,12 @@ class Engine:
                           steps=jnp.zeros((), jnp.int32), drafted=jnp.zeros((s,), jnp.int32),
                           accepted=jnp.zeros((s,), jnp.int32), rounds=jnp.zeros((s,), jnp.int32))
 
-    def _decode_impl(self, params, state: DecodeState, release, exit_after, *, gamma: int):
+    def _decode_impl(self, params, state: DecodeState, release, exit_after, steps, *, gamma: int):
         models = [nnx.merge(g, s) for g, s in zip(self._graphdefs, self._unflatten(params))]
         slots = state.slots.replace(active=state.slots.active & ~release)
-        steps, out = self.spec.steps, self._empty_output(gamma)
+        out = self._empty_output(gamma)
         if gamma:
-            return self._speculative_loop(models, state, slots, out, exit_after, gamma)
+            return self._speculative_loop(models, state, slots, out, exit_after, steps, gamma)
 
         def cond(carry):
             _, slots, out = carry
@@ -345,10 +346,10 @@ class Engine:
         caches, slots, out = jax.lax.while_loop(cond, body, (state.caches, slots, out))
         return DecodeState(caches, slots), out
 
-    def _speculative_loop(self, models, state, slots, out, exit_after, gamma: int):
+    def _speculative_loop(self, models, state, slots, out, exit_after, steps, gamma: int):
         """Rounds of `speculative_round`; a slot's tokens land at its own count (1 to γ + 1
         per round), written where they go (positions beyond a slot's count are dropped)."""
-        steps, rows = self.spec.steps, jnp.arange(self.spec.max_slots)[:, None]
+        rows = jnp.arange(self.spec.max_slots)[:, None]
 
         def cond(carry):
             _, slots, out = carry

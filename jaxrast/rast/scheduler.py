@@ -59,6 +59,7 @@ class Scheduler:
         lam = np.asarray(default_lam, np.float32)
         self.groups = [SlotGroup(e, decode, lam, self.stats, speculation) for e in engines]
         self.queue: collections.deque[Request] = collections.deque()
+        self.serving = False  # set by start(): streams want their first token without waiting a call
         self.lock = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -114,7 +115,7 @@ class Scheduler:
         When serving on several processes, process 0 sends each cycle's plan to the others
         first (`follow`), so they issue the same programs with the same inputs."""
         requests = self._take(len(group.free)) if group.free else []
-        plan = group.plan(requests, waiting=len(self.queue))
+        plan = group.plan(requests, waiting=len(self.queue), first_token_call=self.serving)
         if plan is None:
             return []
         if self.leader:
@@ -192,7 +193,7 @@ class Scheduler:
     def start(self) -> None:
         """Serve: every group decodes on its own thread, admitting what `submit` queues. On
         several processes this is process 0, and the others `follow()` its plans."""
-        self.leader = jax.process_count() > 1
+        self.leader, self.serving = jax.process_count() > 1, True
         if self.leader and len(self.groups) > 1:
             raise ValueError("serving on several processes needs one slot group (workers=1).")
         for engine in {id(g.engine): g.engine for g in self.groups}.values():
