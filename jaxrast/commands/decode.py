@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxrast.runtime.distributed import add_arguments as add_distributed_arguments
+from jaxrast.commands.model_flags import add_config_and_models, add_loading_and_processes, add_speculative
 
 NAME = "decode"
 HELP = "Decode a dataset with a base model plus the RL shift of small pairs (resumable JSONL output)."
@@ -26,11 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add = parser.add_argument
-    add("--config", help="YAML config (fields of jaxrast.rast.job.DecodeConfig)")
-    add("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    add("--base", help="base model: checkpoint directory or hub id")
-    add("--pair", nargs=3, action="append", metavar=("RL", "REF", "LAM"),
-        help="a small pair and its weight (repeatable)")
+    add_config_and_models(parser, "jaxrast.rast.job.DecodeConfig", pair_help="a small pair and its weight (repeatable)")
     add("--rl", help="one pair's RL model (with --ref and --lam)")
     add("--ref", help="one pair's reference (base) model")
     add("--lam", type=float, help="one pair's weight λ (default 1.0)")
@@ -47,16 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--stop", action="append", metavar="TEXT", help="stop string (repeatable; default '\\nQuestion:')")
     add("--min-tokens", type=int, metavar="N", help="a thinking budget: stops cannot end a row before N tokens")
     add("--continue-text", metavar="TEXT", help="with --min-tokens: emitted instead of an early stop (e.g. ' Wait')")
-    add("--speculative", type=int, metavar="GAMMA",
-        help="speculative RAST: the first pair's rl model drafts GAMMA tokens per round (exact; 0: off)")
-    add("--speculative-mode", choices=("on", "adaptive"),
-        help="adaptive: time speculative and plain calls and run the faster (default on)")
+    add_speculative(parser, "adaptive: time speculative and plain calls and run the faster (default on)")
     add("--lam-schedule", help="constant | warmup:N | first:N")
     add("--out", help="output JSONL (appended; finished rows are skipped on rerun)")
     add("--batch-size", type=int)
-    add("--dtype", choices=("auto", "float32", "bfloat16"))
-    add("--mesh", help="device mesh 'DATA,FSDP,TENSOR' (e.g. 1,-1,1)")
-    add("--allow-pickle", action="store_true", help="accept pytorch_model.bin checkpoints (pickles run code)")
     add("--no-progress", action="store_true")
     add("--save-token-ids", action="store_true",
         help="also write each row's prompt_ids and generated token_ids (exact input for jaxrast analyze)")
@@ -64,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="log per-step top tokens of base, delta and combined for these rows (teacher-forced after decoding)")
     add("--trace-top-k", type=int, help="tokens per distribution in the trace (default 5)")
     add("--trace-out", metavar="JSONL", help="trace file (default: OUT with .trace.jsonl)")
-    add_distributed_arguments(parser)
+    add_loading_and_processes(parser)
 
 
 def config_from_args(args: argparse.Namespace):

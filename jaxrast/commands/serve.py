@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from jaxrast.runtime.distributed import add_arguments as add_distributed_arguments
+from jaxrast.commands.model_flags import add_config_and_models, add_loading_and_processes, add_speculative
 
 NAME = "serve"
 HELP = "Serve RAST (a base model plus the RL shift of small pairs) behind an OpenAI-compatible HTTP API."
@@ -25,11 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add = parser.add_argument
-    add("--config", help="YAML config (fields of jaxrast.serve.config.ServeConfig)")
-    add("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    add("--base", help="base model: checkpoint directory or hub id")
-    add("--pair", nargs=3, action="append", metavar=("RL", "REF", "LAM"),
-        help="a small pair and its default weight (repeatable)")
+    add_config_and_models(parser, "jaxrast.serve.config.ServeConfig",
+                          pair_help="a small pair and its default weight (repeatable)")
     add("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
     add("--port", type=int, help="port (default 8000)")
     add("--max-slots", type=int, help="requests decoded at once (default 16)")
@@ -40,14 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "tokenizer's)")
     add("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
     add("--grace", type=float, help="seconds running requests get to finish on SIGTERM (default 10)")
-    add("--speculative", type=int, metavar="GAMMA",
-        help="speculative RAST: the first pair's rl model drafts GAMMA tokens per round (exact; 0: off)")
-    add("--speculative-mode", choices=("on", "adaptive"),
-        help="adaptive (default): time speculative and plain calls and run the faster")
-    add("--dtype", choices=("auto", "float32", "bfloat16"))
-    add("--mesh", help="device mesh 'DATA,FSDP,TENSOR' (e.g. 1,-1,1)")
-    add("--allow-pickle", action="store_true", help="accept pytorch_model.bin checkpoints (pickles run code)")
-    add_distributed_arguments(parser)
+    add_speculative(parser, "adaptive (default): time speculative and plain calls and run the faster")
+    add_loading_and_processes(parser)
 
 
 _FLAGS = ("base", "host", "port", "max_slots", "max_len", "max_waiting", "served_model_name", "chat_template",
