@@ -59,7 +59,6 @@ class Scheduler:
         lam = np.asarray(default_lam, np.float32)
         self.groups = [SlotGroup(e, decode, lam, self.stats, speculation) for e in engines]
         self.queue: collections.deque[Request] = collections.deque()
-        self.serving = False  # set by start(): streams want their first token without waiting a call
         self.lock = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -187,13 +186,18 @@ class Scheduler:
     # ---- serving: the groups decode on their own threads until stopped ----------------------
 
     @property
+    def serving(self) -> bool:
+        """Between start() and stop(): streams want their first token without waiting a call."""
+        return bool(self._threads)
+
+    @property
     def running(self) -> int:
         return sum(len(g.slots) for g in self.groups)
 
     def start(self) -> None:
         """Serve: every group decodes on its own thread, admitting what `submit` queues. On
         several processes this is process 0, and the others `follow()` its plans."""
-        self.leader, self.serving = jax.process_count() > 1, True
+        self.leader = jax.process_count() > 1
         if self.leader and len(self.groups) > 1:
             raise ValueError("serving on several processes needs one slot group (workers=1).")
         for engine in {id(g.engine): g.engine for g in self.groups}.values():
