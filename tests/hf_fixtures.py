@@ -9,6 +9,18 @@ from jaxrast.toy.tokenizer import char_tokenizer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz +-*=#:?.\n"
+# the smallest checkpoint shape the command tests load (one layer: loading is the point)
+SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, inter=64)
+
+
+def write_questions(path, n: int, cycle: int | None = None) -> str:
+    """A JSONL of `n` rows {id: q<i>, question: "abc " repeated 1 + i (mod `cycle`) times}."""
+    import json
+
+    reps = (lambda i: 1 + i) if cycle is None else (lambda i: 1 + i % cycle)
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"id": f"q{i}", "question": "abc " * reps(i)}) + "\n" for i in range(n))
+    return str(path)
 
 
 def hf_config(kind: str = "qwen2", *, vocab: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4,

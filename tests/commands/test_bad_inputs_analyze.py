@@ -4,14 +4,11 @@ the model to blame, and no file changes."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from hf_fixtures import SMALL, write_questions
 from refusals import assert_refused
 
 from jaxrast.cli import main
-
-SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, inter=64)
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +16,7 @@ def paths(ckpt_dir, tmp_path_factory):
     import hf_fixtures
 
     tmp = tmp_path_factory.mktemp("bad_analyze")
-    data = tmp / "questions.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": "abc " * (1 + i)}) + "\n" for i in range(3)))
+    data = write_questions(tmp / "questions.jsonl", 3)
     p = dict(base=ckpt_dir("qwen2", seed=1, **SMALL), rl=ckpt_dir("qwen2", seed=2, **SMALL),
              ref=ckpt_dir("qwen2", seed=3, **SMALL), traj=str(tmp / "traj.jsonl"), tmp=tmp)
     chars = hf_fixtures.CHARS
@@ -29,7 +25,7 @@ def paths(ckpt_dir, tmp_path_factory):
         p["other_tok"] = hf_fixtures.make_checkpoint(str(tmp / "rl_other_tokenizer"), seed=2, **SMALL)
     finally:
         hf_fixtures.CHARS = chars
-    assert main(["decode", "--base", p["base"], "--mode", "base", "--dataset", str(data), "--prompt-template",
+    assert main(["decode", "--base", p["base"], "--mode", "base", "--dataset", data, "--prompt-template",
                  "{question}", "--max-new-tokens", "6", "--save-token-ids", "--out", p["traj"], "--no-progress"]) == 0
     return p
 

@@ -15,22 +15,19 @@ import sys
 import time
 
 import pytest
-from hf_fixtures import REPO
+from hf_fixtures import REPO, SMALL, write_questions
 from refusals import assert_refused, jsonl_lines, snapshot
 
 from jaxrast.cli import main
-
-SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, inter=64)
 
 
 @pytest.fixture(scope="module")
 def paths(ckpt_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_decode")
-    data = tmp / "questions.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": "abc " * (1 + i)}) + "\n" for i in range(4)))
+    data = write_questions(tmp / "questions.jsonl", 4)
     return dict(base=ckpt_dir("qwen2", seed=1, **SMALL), rl=ckpt_dir("qwen2", seed=2, **SMALL),
                 ref=ckpt_dir("qwen2", seed=3, **SMALL), short=ckpt_dir("qwen2", seed=4, max_pos=32, **SMALL),
-                data=str(data), tmp=tmp)
+                data=data, tmp=tmp)
 
 
 def rast(p, out, *extra):
@@ -350,11 +347,10 @@ def test_a_second_writer_of_the_same_out_is_refused(paths, tmp_path, capsys):
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(paths, tmp_path):
-    data = tmp_path / "many.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": "abc " * (1 + i % 5)}) + "\n" for i in range(400)))
+    data = write_questions(tmp_path / "many.jsonl", 400, cycle=5)
     out = tmp_path / "interrupted.jsonl"
     args = rast(paths, out, "--n", "8", "--batch-size", "32", "--max-new-tokens", "16")
-    args[args.index(paths["data"])] = str(data)
+    args[args.index(paths["data"])] = data
     proc = subprocess.Popen([sys.executable, "-m", "jaxrast.cli", *args], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

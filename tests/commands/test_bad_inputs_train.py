@@ -10,11 +10,10 @@ import subprocess
 import sys
 
 import pytest
+from hf_fixtures import SMALL
 from refusals import assert_refused, snapshot, tree
 
 from jaxrast.cli import main
-
-SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, inter=64)
 
 
 @pytest.fixture(scope="module")
