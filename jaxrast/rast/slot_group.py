@@ -104,6 +104,9 @@ class SlotGroup:
         self.last_speculative = False
         self.spec = engine.spec
         self.state = engine.init_state()
+        if self.speculation.mode == "adaptive":  # both programs compiled now, not inside a timed call
+            for kind in (False, True):
+                self.state, _ = engine.decode(self.state, np.ones(self.spec.max_slots, bool), 1, speculative=kind)
         self.slots: dict[int, Request] = {}
         self.release = np.zeros(self.spec.max_slots, bool)
 
