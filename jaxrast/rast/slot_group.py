@@ -58,10 +58,10 @@ class Stats:
 class Speculation:
     """Whether a decode call runs speculative rounds: 'off', 'on', or 'adaptive': both kinds
     of call are timed (tokens per second) and the faster one runs, the other retried every
-    16th call (acceptance and the device's costs change as rows come and go). A kind's first
-    call is not counted: it compiles its program."""
+    16th call (acceptance and the device's costs change as rows come and go). Every call
+    counts: the slot group compiles both programs before the first one."""
 
-    SAMPLES = 3  # timed calls of each kind before choosing
+    SAMPLES = 4  # timed calls of each kind before choosing
 
     def __init__(self, mode: str = "off"):
         if mode not in ("off", "on", "adaptive"):
@@ -75,7 +75,7 @@ class Speculation:
             return self.mode == "on"
         self.calls += 1
         for kind in (True, False):
-            if self.seen[kind] <= self.SAMPLES:
+            if self.seen[kind] < self.SAMPLES:
                 return kind
         best = self.rate[True] >= self.rate[False]
         return (not best) if self.calls % 16 == 0 else best
@@ -84,9 +84,8 @@ class Speculation:
         if self.mode != "adaptive" or not tokens:
             return
         self.seen[speculative] += 1
-        if self.seen[speculative] > 1:
-            rate, old = tokens / max(seconds, 1e-9), self.rate[speculative]
-            self.rate[speculative] = rate if old is None else 0.7 * old + 0.3 * rate
+        rate, old = tokens / max(seconds, 1e-9), self.rate[speculative]
+        self.rate[speculative] = rate if old is None else 0.7 * old + 0.3 * rate
 
     @property
     def tokens_per_s(self) -> float:
