@@ -65,6 +65,7 @@ class StaticBatches:
 
     def _init_static(self) -> None:
         self._graphdefs = tuple(nnx.graphdef(m) for m in self.models)
+        self._variables = tuple(nnx.state(m) for m in self.models)  # holds the Variables: reads their current values
         # `limit` (the step to stop at) is traced: the loops compile once per cache length
         self._start = jax.jit(self._start_impl, static_argnames=("params", "cache_len"), donate_argnames=())
         self._resume = jax.jit(self._resume_impl, static_argnames=("params",), donate_argnums=(1,))
@@ -144,8 +145,8 @@ class StaticBatches:
     def _static_iter(self, encoded: list[list[int]], params, row_ids: list[int], progress: bool | None
                      ) -> Iterator[list]:
         """Yields the completions of each static batch as it finishes (rows sorted by prompt length)."""
-        # Read the parameters afresh on every call: a trainer updates the models in place.
-        states = tuple(nnx.state(m) for m in self.models)
+        # The parameters as they are now (a trainer updates them in place): see Engine.refresh
+        states = self._variables
         rows = sorted(((i, s) for i in range(len(encoded)) for s in range(params.n)),
                       key=lambda r: len(encoded[r[0]]))
         tok = self.tokenizer
