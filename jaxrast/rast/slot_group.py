@@ -87,10 +87,6 @@ class Speculation:
         rate, old = tokens / max(seconds, 1e-9), self.rate[speculative]
         self.rate[speculative] = rate if old is None else 0.7 * old + 0.3 * rate
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
-
 
 class SlotGroup:
     """One engine's slots and the requests in them; `cycle()` admits, decodes once and
