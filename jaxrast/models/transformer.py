@@ -16,23 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrast.models.attention import BLOCKED_FROM, MASKED, blocked_attention, ragged_attention
 from jaxrast.models.config import ModelConfig
 from jaxrast.models.kv_cache import KVCache, write
 
 _INIT = nnx.initializers.normal(stddev=0.02)
-# A finite "minus infinity" for masked attention scores: a fully masked row (a left-pad
-# query) then gives a harmless uniform average instead of NaN.
-_MASKED = -1e30
-# Keys per block when a decode call reads only the cache positions below a bound
-# (`kv_len`): the engine's slots hold max_len positions (1088 for 1024-token budgets) while
-# the longest live row is usually far shorter; reading the whole cache every step cost the
-# long-tail benchmark ~2x its tokens/s on CPU (630 -> 913 tok/s with blocks, random 10M/1M
-# models, 1088 positions). The block loop has a fixed cost per layer that halved the toy
-# family's tokens/s (256 positions: 12.6K -> 6.6K), so short caches are read whole.
-KV_BLOCK = 128
-BLOCKED_FROM = 4 * KV_BLOCK
-
-
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -99,8 +87,9 @@ class Attention(nnx.Module):
 
         Without a cache the keys are this call's own tokens (s = t); with one, the new keys
         are written at `index` and the queries attend over the whole cache (s = max_len),
-        or, with `kv_len` [] (a bound above every query's position) and a long cache, over
-        its first blocks only (`blocked_attention`). Returns (out [b, t, h], k_cache, v_cache).
+        or, with `kv_len` (a bound above the queries' positions: [] for every row, or [b]
+        one per row) and a long cache, over its first blocks only (`models.attention`).
+        Returns (out [b, t, h], k_cache, v_cache).
         """
         cfg = self.cfg
         b, t, _ = x.shape
@@ -124,44 +113,15 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
         # query_slots [t] (every row) or [b, t] (rows at their own positions)
         allowed = (jnp.arange(s) <= query_slots[..., None]) & key_mask[:, None, :]  # [b, t, s]
-        if kv_len is not None and s >= BLOCKED_FROM:
-            out = blocked_attention(q, k, v, allowed, kv_len)
+        if kv_len is not None and s >= BLOCKED_FROM:  # [] one bound, [b] one per row
+            out = (ragged_attention if kv_len.ndim else blocked_attention)(q, k, v, allowed, kv_len)
         else:
             scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
-            scores = jnp.where(allowed[:, None, None], scores / math.sqrt(cfg.head_dim), _MASKED)
+            scores = jnp.where(allowed[:, None, None], scores / math.sqrt(cfg.head_dim), MASKED)
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
             out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # [b, kv, g, t, d]
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, -1)
         return self.o_proj(out).reshape(b, t, -1), k_cache, v_cache
-
-
-def blocked_attention(q, k, v, allowed, kv_len):
-    """Softmax attention over the cache's first ceil(kv_len / block) blocks of keys, one
-    block at a time with a running max and sum (online softmax). q [b, kv, g, t, d],
-    k [b, kv, d, s], v [b, kv, s, d], allowed [b, t, s]. A block a row may not see adds
-    exactly nothing (its weights underflow to 0 and the running sums are scaled by 1), so a
-    row's output does not depend on the bound, i.e. on how long its neighbours are."""
-    s, d = v.shape[2], q.shape[-1]
-    block = next((n for n in (KV_BLOCK, 64, 32) if s % n == 0), s)  # slices must tile the cache
-    blocks = jnp.clip((kv_len + block - 1) // block, 1, s // block)
-
-    def body(i, carry):
-        top, total, acc = carry
-        kb = jax.lax.dynamic_slice_in_dim(k, i * block, block, axis=3)
-        vb = jax.lax.dynamic_slice_in_dim(v, i * block, block, axis=2)
-        seen = jax.lax.dynamic_slice_in_dim(allowed, i * block, block, axis=2)
-        scores = jnp.einsum("bkgtd,bkds->bkgts", q, kb, preferred_element_type=jnp.float32) / math.sqrt(d)
-        scores = jnp.where(seen[:, None, None], scores, _MASKED)
-        new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
-        weights = jnp.exp(scores - new_top[..., None])
-        scale = jnp.exp(top - new_top)
-        pv = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(v.dtype), vb, preferred_element_type=jnp.float32)
-        return new_top, total * scale + jnp.sum(weights, axis=-1), acc * scale[..., None] + pv
-
-    shape = q.shape[:-1]
-    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(q.shape, jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, blocks, body, init)
-    return (acc / total[..., None]).astype(v.dtype)
 
 
 class MLP(nnx.Module):
@@ -235,7 +195,8 @@ class CausalLM(nnx.Module):
             saves a `[batch, time, vocab]` buffer during prefill.
         logits_from: return logits of positions logits_from.. only ([batch, time -
             logits_from, vocab]): scoring a completion skips the prompt's projections.
-        kv_len: with a cache, [] int32 above every query's cache position: attention reads
+        kv_len: with a cache, int32 above the queries' cache positions, [] for every row
+            (blocked attention) or [batch] one per row (ragged attention): attention reads
             only the cache's first blocks up to it (the engine's bound over its live slots)
             when the cache holds at least `BLOCKED_FROM` positions.
         Returns (logits [batch, time, vocab] float32, updated cache or None).

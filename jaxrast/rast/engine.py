@@ -33,12 +33,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrast.models.attention import cache_length
 from jaxrast.models.kv_cache import KVCache
 from jaxrast.models.partitioning import cache_sharding
 from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.ensemble import Combination
 from jaxrast.rast.sampling import row_entropies, sample_rows
-from jaxrast.rast.speculative import live_length, speculative_round
+from jaxrast.rast.speculative import attention_bound, speculative_round
 
 
 def stream_keys(seed: jax.Array, row_ids: jax.Array, samples: jax.Array) -> jax.Array:
@@ -144,6 +145,10 @@ class Engine:
                  rl_index: int | None = None, mesh: Mesh | None = None):
         self.models, self.combination, self.vocab, self.spec = list(models), combination, vocab, spec
         self.rl_index, self.mesh = rl_index, mesh
+        # attention reads each slot's own blocks (`ragged_attention`) on one device; on a mesh,
+        # where slots are split over devices, gathering other slots' blocks would move caches
+        # between devices, so there every slot reads up to the longest (`blocked_attention`)
+        self.ragged = mesh is None
         self.num_pairs = len(combination.pairs)
         self._graphdefs = tuple(nnx.graphdef(m) for m in self.models)
         self._variables = tuple(nnx.state(m) for m in self.models)  # see refresh()
@@ -181,7 +186,8 @@ class Engine:
 
     def _empty_state(self) -> DecodeState:
         spec, s = self.spec, self.spec.max_slots
-        caches = [KVCache.init(m.cfg, s, spec.max_len, m.dtype, per_row=True, mask=True) for m in self.models]
+        length = cache_length(spec.max_len)  # requests are held to spec.max_len
+        caches = [KVCache.init(m.cfg, s, length, m.dtype, per_row=True, mask=True) for m in self.models]
         zeros = lambda *shape, dtype=jnp.int32: jnp.zeros((s, *shape), dtype)  # noqa: E731
         slots = Slots(token=zeros(), length=zeros(), generated=zeros(), budget=zeros(), min_tokens=zeros(),
                       active=zeros(dtype=bool), lam=zeros(max(self.num_pairs, 1), dtype=jnp.float32),
@@ -271,7 +277,7 @@ class Engine:
     def _step(self, models, caches, slots: Slots):
         """One token for every slot: feed the pending tokens, sample the next ones."""
         logits, new_caches = [], []
-        kv_len = live_length(slots) + 1
+        kv_len = attention_bound(slots, 1, self.ragged)
         for m, cache in zip(models, caches):
             out, cache = m(slots.token[:, None], slots.length[:, None], cache=cache.replace(index=slots.length),
                            last_only=True, kv_len=kv_len)

@@ -39,10 +39,14 @@ def _mask_stops(z: jax.Array, slots, early: jax.Array) -> jax.Array:
     return z.at[rows, slots.stop_ids].min(blocked, mode="drop")
 
 
-def live_length(slots) -> jax.Array:
-    """[] the longest active slot's length: attention reads the cache below it (plus the
-    positions being fed), never a free slot's stale keys or the unused tail."""
-    return jnp.max(jnp.where(slots.active, slots.length, 0))
+def attention_bound(slots, fed: int, per_row: bool) -> jax.Array:
+    """Where attention stops reading the cache while `fed` positions are fed: [S] each
+    slot's own length + fed (`ragged_attention`; a free slot reads one block), or [] the
+    longest active slot's (`blocked_attention`). Never a free slot's stale keys or the
+    unused tail."""
+    if per_row:
+        return jnp.where(slots.active, slots.length + fed, 1)
+    return jnp.max(jnp.where(slots.active, slots.length, 0)) + fed
 
 
 def _probs(z: jax.Array, slots) -> jax.Array:
@@ -57,7 +61,7 @@ def speculative_round(engine, models, caches, slots, gamma: int):
     # γ = 0 for slots whose draft is their target (the rl model alone) or that may force a continue text
     g_eff = jnp.where(slots.rl_only | (slots.forced_len > 0), 0, jnp.minimum(slots.gamma, gamma))
 
-    kv_len = live_length(slots) + gamma + 1  # every position this round feeds
+    kv_len = attention_bound(slots, gamma + 1, engine.ragged)  # every position this round feeds
 
     def draft(carry, j):
         cache, tok = carry

@@ -134,3 +134,33 @@ def test_blocked_attention_reads_only_live_blocks_and_rows_ignore_the_bound(ckpt
     np.testing.assert_array_equal(by_bound[201][:2], by_bound[512][:2])
     np.testing.assert_array_equal(by_bound[391], by_bound[512])
     assert not np.allclose(by_bound[31][2], full[2], atol=1e-3)  # the bound is really applied
+
+
+def test_ragged_attention_rows_read_their_own_blocks_bit_for_bit(ckpt_dir):
+    """Per-row bounds (`ragged_attention`): each row agrees with full attention, and its
+    result is the same bit for bit whatever its neighbours' bounds and whichever slot it
+    sits in (its blocks land at other places in the pair loop)."""
+    model, cfg, _ = load_model(ckpt_dir("qwen2", kv_heads=2))
+    ids = jnp.asarray(random_ids(6, (4, 500)))
+    lengths = jnp.asarray([30, 200, 390, 470], jnp.int32)
+
+    @jax.jit
+    def step(order, bounds):
+        cache = KVCache.init(cfg, 4, 512, per_row=True, mask=True)
+        _, cache = model(ids[order], cache=cache)
+        pos, tok = lengths[order], ids[order][jnp.arange(4), lengths[order]][:, None]
+        out = model(tok, pos[:, None], cache=cache.replace(index=pos), last_only=True, kv_len=bounds)[0][:, -1]
+        full = model(tok, pos[:, None], cache=cache.replace(index=pos), last_only=True)[0][:, -1]
+        return out, full
+
+    order = jnp.arange(4)
+    own, full = (np.asarray(x) for x in step(order, lengths + 1))
+    np.testing.assert_allclose(own, full, atol=1e-5, rtol=0)
+    longer, _ = step(order, jnp.asarray([512, 201, 391, 512], jnp.int32))  # rows 0 and 3 read more blocks
+    np.testing.assert_array_equal(np.asarray(longer)[1:3], own[1:3])
+    np.testing.assert_array_equal(np.asarray(longer)[[0, 3]], own[[0, 3]])  # extra blocks add exactly nothing
+    flipped = jnp.asarray([3, 1, 0, 2])
+    moved, _ = step(flipped, lengths[flipped] + 1)
+    np.testing.assert_array_equal(np.asarray(moved), own[np.asarray(flipped)])
+    short, _ = step(order, jnp.asarray([31, 201, 31, 471], jnp.int32))
+    assert not np.allclose(np.asarray(short)[2], full[2], atol=1e-3)  # the bound is really applied

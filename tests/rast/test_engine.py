@@ -132,6 +132,45 @@ def test_shuffled_submissions_give_identical_rows(trio):
     assert run(order) == first
 
 
+LONG = [3, 90, 150, 260, 340, 410, 20, 200]  # prompt lengths: rows cross the cache's 128-key blocks
+
+
+def test_long_caches_greedy_engine_equals_static_path(trio):
+    """Slots of 640 positions, where each slot's attention reads only its own key blocks
+    (`ragged_attention`), next to rows of very different lengths: greedy RAST equals the
+    static path's."""
+    base, rl, ref, tok = trio
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, len(tok)) for _ in range(n)] for n in LONG]
+    params = SamplingParams(temperature=0, max_new_tokens=110)
+    runs = [_paths(RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4, scheduler=s), prompts, params)
+            for s in ("static", "continuous")]
+    for ids, (a,), (b,) in zip(prompts, *runs):
+        assert_same_up_to_ties(a, b, np.asarray(combined_logits([base, rl, ref], [0.8], tok, ids, a)))
+
+
+@pytest.mark.parametrize("gamma", [0, 3])
+def test_long_caches_shuffled_submissions_give_identical_rows(trio, gamma):
+    """The shuffled-orders guarantee where attention is ragged (640-position slots, rows
+    of 3 to 410 prompt tokens), plain and speculative."""
+    base, rl, ref, tok = trio
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, len(tok)) for _ in range(n)] for n in LONG * 2]
+    sched = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=3, workers=1, prefill_batch=2,
+                 speculative=gamma).engine_for(640)
+
+    def run(order):
+        reqs = [Request(prompts[i], RequestParams(max_tokens=30 + 37 * (i % 5), temperature=[0.0, 1.0][i % 2],
+                                                  top_p=0.9, lam=(0.8,), seed=2, row_id=i), tag=i)
+                for i in order]
+        return {r.tag: r.token_ids for batch in sched.run(reqs) for r in batch}
+
+    order = list(range(len(prompts)))
+    first = run(order)
+    random.Random(1).shuffle(order)
+    assert run(order) == first
+
+
 def test_mesh_of_8_devices_equals_one_device(ckpt_dir):
     paths = [ckpt_dir("qwen2", seed=1, init_range=0.1), ckpt_dir("qwen2", seed=2, **SMALL),
              ckpt_dir("qwen2", seed=3, **SMALL)]
