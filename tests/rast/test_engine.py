@@ -117,16 +117,18 @@ def test_shuffled_submissions_give_identical_rows(trio):
     base, rl, ref, tok = trio
     prompts = PROMPTS * 3
     eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=3, workers=1, prefill_batch=2)
-    sched = eng.engine_for(128)
+    assert_same_in_two_orders(eng.engine_for(128), len(prompts), lambda i: Request(
+        tok(prompts[i], add_special_tokens=False)["input_ids"],
+        RequestParams(max_tokens=8 + 3 * (i % 5), temperature=[0.0, 1.0, 0.8][i % 3], top_p=0.9,
+                      lam=(0.2 * (i % 4),), stop_ids=(tok.eos_token_id,), seed=1, row_id=i), tag=i))
 
+
+def assert_same_in_two_orders(sched, n, request):
+    """Requests request(0..n-1) submitted in order and shuffled give the same tokens."""
     def run(order):
-        reqs = [Request(tok(prompts[i], add_special_tokens=False)["input_ids"],
-                        RequestParams(max_tokens=8 + 3 * (i % 5), temperature=[0.0, 1.0, 0.8][i % 3], top_p=0.9,
-                                      lam=(0.2 * (i % 4),), stop_ids=(tok.eos_token_id,), seed=1, row_id=i), tag=i)
-                for i in order]
-        return {r.tag: r.token_ids for batch in sched.run(reqs) for r in batch}
+        return {r.tag: r.token_ids for batch in sched.run([request(i) for i in order]) for r in batch}
 
-    order = list(range(len(prompts)))
+    order = list(range(n))
     first = run(order)
     random.Random(0).shuffle(order)
     assert run(order) == first
@@ -158,17 +160,9 @@ def test_long_caches_shuffled_submissions_give_identical_rows(trio, gamma):
     prompts = [[rng.randrange(3, len(tok)) for _ in range(n)] for n in LONG * 2]
     sched = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=3, workers=1, prefill_batch=2,
                  speculative=gamma).engine_for(640)
-
-    def run(order):
-        reqs = [Request(prompts[i], RequestParams(max_tokens=30 + 37 * (i % 5), temperature=[0.0, 1.0][i % 2],
-                                                  top_p=0.9, lam=(0.8,), seed=2, row_id=i), tag=i)
-                for i in order]
-        return {r.tag: r.token_ids for batch in sched.run(reqs) for r in batch}
-
-    order = list(range(len(prompts)))
-    first = run(order)
-    random.Random(1).shuffle(order)
-    assert run(order) == first
+    assert_same_in_two_orders(sched, len(prompts), lambda i: Request(
+        prompts[i], RequestParams(max_tokens=30 + 37 * (i % 5), temperature=[0.0, 1.0][i % 2], top_p=0.9,
+                                  lam=(0.8,), seed=2, row_id=i), tag=i))
 
 
 def test_mesh_of_8_devices_equals_one_device(ckpt_dir):
