@@ -84,11 +84,12 @@ def blocked_attention(q, k, v, allowed, kv_len):
 
 def ragged_attention(q, k, v, allowed, bounds):
     """Softmax attention of row r over the cache's first ceil(bounds[r] / block) blocks
-    (at least one). The rows' (row, block) pairs are numbered end to end and computed b at
-    a time (gathered blocks, one batched product each); each pair's softmax pieces land in
-    a [b, blocks] table reduced over blocks in a fixed order. A row's result is a function
-    of its own blocks only: bit for bit the same whatever its neighbours' bounds, its slot,
-    or where its pairs fell in the loop (a block a row does not need adds an exact 0).
+    (none for a bound of 0: the row's output is 0). The rows' (row, block) pairs are
+    numbered end to end and computed b at a time (gathered blocks, one batched product
+    each); each pair's softmax pieces land in a [b, blocks] table reduced over blocks in a
+    fixed order. A row's result is a function of its own blocks only: bit for bit the same
+    whatever its neighbours' bounds, its slot, or where its pairs fell in the loop (a block
+    a row does not need adds an exact 0).
 
     Measured on the long-tail benchmark (random 10M/1M models, tok/s, one process): the
     pair plan made once per call and one table (acc, max and sum side by side) instead of
@@ -99,7 +100,9 @@ def ragged_attention(q, k, v, allowed, bounds):
     b, s, d = q.shape[0], v.shape[2], q.shape[-1]
     block = _block_size(s)
     blocks = s // block
-    need = jnp.clip((bounds + block - 1) // block, 1, blocks).astype(jnp.int32)  # [b]
+    # a bound of 0 (a free slot) reads no block and gives 0: a group of 8 slots with 2 rows
+    # left reads their blocks, not 6 blocks more for the free slots as well
+    need = jnp.clip((bounds + block - 1) // block, 0, blocks).astype(jnp.int32)  # [b]
     ends = jnp.cumsum(need)
     # the plan: pair p (iteration p // b, lane p % b) is block `at` of row `row`; b pairs an
     # iteration (2b or 4b were no faster on CPU); past the last pair, `dest` drops it
@@ -129,9 +132,10 @@ def ragged_attention(q, k, v, allowed, bounds):
     table = jax.lax.fori_loop(0, (ends[-1] + b - 1) // b, body, table)
     accs, tops, totals = table[..., :d], table[..., d], table[..., d + 1]
     top = jnp.max(tops, axis=1, keepdims=True)
+    top = jnp.where(top > -jnp.inf, top, 0.0)  # a row that read no block: every scale 0
     scale = jnp.exp(tops - top)  # 0 for blocks a row does not need
     total = jnp.sum(totals * scale, axis=1)
     # a product over the blocks axis: as a multiply-and-sum XLA:CPU took 250 us here for
     # 8 rows x 9 blocks x 320 values (18 us as a product), more than the whole pair loop
     acc = jnp.einsum("bjkgtd,bjkgt->bkgtd", accs, scale, preferred_element_type=jnp.float32)
-    return (acc / total[..., None]).astype(v.dtype)
+    return (acc / jnp.where(total > 0, total, 1.0)[..., None]).astype(v.dtype)

@@ -41,11 +41,11 @@ def _mask_stops(z: jax.Array, slots, early: jax.Array) -> jax.Array:
 
 def attention_bound(slots, fed: int, per_row: bool) -> jax.Array:
     """Where attention stops reading the cache while `fed` positions are fed: [S] each
-    slot's own length + fed (`ragged_attention`; a free slot reads one block), or [] the
+    slot's own length + fed (`ragged_attention`; a free slot reads nothing), or [] the
     longest active slot's (`blocked_attention`). Never a free slot's stale keys or the
     unused tail."""
     if per_row:
-        return jnp.where(slots.active, slots.length + fed, 1)
+        return jnp.where(slots.active, slots.length + fed, 0)
     return jnp.max(jnp.where(slots.active, slots.length, 0)) + fed
 
 

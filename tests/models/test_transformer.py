@@ -139,7 +139,7 @@ def test_blocked_attention_reads_only_live_blocks_and_rows_ignore_the_bound(ckpt
 def test_ragged_attention_rows_read_their_own_blocks_bit_for_bit(ckpt_dir):
     """Per-row bounds (`ragged_attention`): each row agrees with full attention, and its
     result is the same bit for bit whatever its neighbours' bounds and whichever slot it
-    sits in (its blocks land at other places in the pair loop)."""
+    sits in (its blocks land at other places in the pair loop); a free slot reads nothing."""
     model, cfg, _ = load_model(ckpt_dir("qwen2", kv_heads=2))
     ids = jnp.asarray(random_ids(6, (4, 500)))
     lengths = jnp.asarray([30, 200, 390, 470], jnp.int32)
@@ -164,3 +164,6 @@ def test_ragged_attention_rows_read_their_own_blocks_bit_for_bit(ckpt_dir):
     np.testing.assert_array_equal(np.asarray(moved), own[np.asarray(flipped)])
     short, _ = step(order, jnp.asarray([31, 201, 31, 471], jnp.int32))
     assert not np.allclose(np.asarray(short)[2], full[2], atol=1e-3)  # the bound is really applied
+    idle, _ = step(order, jnp.asarray([0, 201, 391, 0], jnp.int32))  # free slots (bound 0) read no block
+    np.testing.assert_array_equal(np.asarray(idle)[1:3], own[1:3])
+    assert np.isfinite(np.asarray(idle)).all()
