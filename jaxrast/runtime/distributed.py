@@ -248,8 +248,13 @@ def host_array(tree: Any) -> Any:
             if x.is_fully_replicated:  # every process already holds it all (scalars, metrics)
                 return np.asarray(x.addressable_data(0))
             return multihost_utils.process_allgather(x, tiled=True)
-        return np.asarray(jax.device_get(x))
+        return np.asarray(x)  # its host copy, started below
 
+    # start every local copy before waiting on any: one by one, the engine's 12-array decode
+    # output took 0.49 ms to reach the host, 0.24 ms this way (toy family, CPU), per call
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            x.copy_to_host_async()
     return jax.tree.map(one, tree)
 
 
