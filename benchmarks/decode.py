@@ -171,7 +171,8 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=16, help="long-tail batch size / engine slots (default 16)")
     ap.add_argument("--median", type=int, help="long-tail median budget (default 64; 48 on the toy family)")
     ap.add_argument("--cap", type=int, help="long-tail budget cap (default 1024; 224 on the toy family)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per system after a warm-up (best is kept)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="timed runs after a warm-up (best is kept); long-tail systems take turns round by round")
     ap.add_argument("--prompt-len", type=int, default=64, help="uniform: prompt tokens")
     ap.add_argument("--new-tokens", type=int, default=128, help="uniform: new tokens per row")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="uniform: batch sizes")

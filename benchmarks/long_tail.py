@@ -104,13 +104,22 @@ def long_tail(args, paths, models, tok, toy: bool) -> None:
         "base engine": RAST(base, tokenizer=tok, batch_size=args.slots),
         "base static": RAST(base, tokenizer=tok, batch_size=args.slots, scheduler="static"),
     }
-    rates, occupancy = {}, {}
+    runs = {name: run_engine if rast.scheduler == "continuous" else run_static for name, rast in systems.items()}
     for name, rast in systems.items():
-        run = run_engine if rast.scheduler == "continuous" else run_static
-        run(rast, prompts, budgets)  # warm-up: every program compiled
-        best = min((run(rast, prompts, budgets) for _ in range(args.repeats)), key=lambda r: r[0])
+        runs[name](rast, prompts, budgets)  # warm-up: every program compiled
+    # the timed runs take turns, round by round: this machine's speed drifts by up to 40% within
+    # an hour, so runs of one system back to back would compare different machines
+    timed: dict[str, list[tuple[float, float]]] = {name: [] for name in systems}
+    for round_ in range(args.repeats):
+        for name, rast in systems.items():
+            timed[name].append(runs[name](rast, prompts, budgets))
+        engine, static = timed["RAST engine"][-1][0], timed["RAST static"][-1][0]
+        print(f"  round {round_ + 1}: RAST engine / static path {static / engine:.2f}x")
+    rates, occupancy = {}, {}
+    for name in systems:
+        best = min(timed[name], key=lambda r: r[0])
         rates[name], occupancy[name] = useful / best[0], best[1]
-        print(f"  {name:18s} {rates[name]:9.1f} tok/s   slot occupancy {occupancy[name]:.0%}")
+        print(f"  {name:18s} {rates[name]:9.1f} tok/s   slot occupancy {occupancy[name]:.0%}  (best of {args.repeats})")
     if not args.no_torch:
         seconds = run_transformers(paths[0], prompts, budgets, args.slots)
         rates["base transformers"] = useful / seconds
