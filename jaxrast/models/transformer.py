@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxrast.models.attention import BLOCKED_FROM, MASKED, blocked_attention, ragged_attention
 from jaxrast.models.config import ModelConfig
+from jaxrast.models.cpu_attention import decode_attention, kernel_fits
 from jaxrast.models.kv_cache import KVCache, write
 
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -81,14 +82,17 @@ class Attention(nnx.Module):
         self.v_proj = _linear(h, cfg.num_key_value_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
         self.o_proj = _linear(cfg.num_attention_heads * d, h, cfg.o_proj_bias, dtype, param_dtype, rngs)
 
-    def __call__(self, x, positions, key_mask, query_slots, k_cache=None, v_cache=None, index=None, kv_len=None):
+    def __call__(self, x, positions, key_mask, query_slots, k_cache=None, v_cache=None, index=None, kv_len=None,
+                 cpu_kernel=False):
         """x [b, t, h]; key_mask [b, s]; query_slots [t] or [b, t] (cache position of each
         query, for causality); index [] or [b] (where the new keys go, see `kv_cache.write`).
 
         Without a cache the keys are this call's own tokens (s = t); with one, the new keys
         are written at `index` and the queries attend over the whole cache (s = max_len),
         or, with `kv_len` (a bound above the queries' positions: [] for every row, or [b]
-        one per row) and a long cache, over its first blocks only (`models.attention`).
+        one per row) and a long cache, over its first blocks only (`models.attention`);
+        with `cpu_kernel` (the engine's decode calls on a CPU) each query reads exactly its
+        visible keys (`models.cpu_attention`).
         Returns (out [b, t, h], k_cache, v_cache).
         """
         cfg = self.cfg
@@ -112,14 +116,18 @@ class Attention(nnx.Module):
         # GQA: group query heads by their shared kv head instead of repeating k/v.
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
         # query_slots [t] (every row) or [b, t] (rows at their own positions)
-        allowed = (jnp.arange(s) <= query_slots[..., None]) & key_mask[:, None, :]  # [b, t, s]
-        if kv_len is not None and s >= BLOCKED_FROM:  # [] one bound, [b] one per row
-            out = (ragged_attention if kv_len.ndim else blocked_attention)(q, k, v, allowed, kv_len)
+        if cpu_kernel and k_cache is not None and kernel_fits(q.shape, k.shape, q.dtype):
+            out = decode_attention(q, k, v, jnp.broadcast_to(query_slots, (b, t)), key_mask)
+            out = out.astype(v.dtype)
         else:
-            scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
-            scores = jnp.where(allowed[:, None, None], scores / math.sqrt(cfg.head_dim), MASKED)
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # [b, kv, g, t, d]
+            allowed = (jnp.arange(s) <= query_slots[..., None]) & key_mask[:, None, :]  # [b, t, s]
+            if kv_len is not None and s >= BLOCKED_FROM:  # [] one bound, [b] one per row
+                out = (ragged_attention if kv_len.ndim else blocked_attention)(q, k, v, allowed, kv_len)
+            else:
+                scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
+                scores = jnp.where(allowed[:, None, None], scores / math.sqrt(cfg.head_dim), MASKED)
+                probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+                out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # [b, kv, g, t, d]
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, -1)
         return self.o_proj(out).reshape(b, t, -1), k_cache, v_cache
 
@@ -145,9 +153,10 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, key_mask, query_slots, k_cache=None, v_cache=None, index=None, kv_len=None):
+    def __call__(self, x, positions, key_mask, query_slots, k_cache=None, v_cache=None, index=None, kv_len=None,
+                 cpu_kernel=False):
         attn, k_cache, v_cache = self.self_attn(
-            self.input_layernorm(x), positions, key_mask, query_slots, k_cache, v_cache, index, kv_len)
+            self.input_layernorm(x), positions, key_mask, query_slots, k_cache, v_cache, index, kv_len, cpu_kernel)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k_cache, v_cache
@@ -183,6 +192,7 @@ class CausalLM(nnx.Module):
         last_only: bool = False,
         logits_from: int = 0,
         kv_len: jax.Array | None = None,
+        cpu_kernel: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the model on `tokens` [batch, time].
 
@@ -199,6 +209,8 @@ class CausalLM(nnx.Module):
             (blocked attention) or [batch] one per row (ragged attention): attention reads
             only the cache's first blocks up to it (the engine's bound over its live slots)
             when the cache holds at least `BLOCKED_FROM` positions.
+        cpu_kernel: with a cache, attention runs in the CPU decode kernel (each query reads
+            exactly its visible keys; `models.cpu_attention`, which must be `available()`).
         Returns (logits [batch, time, vocab] float32, updated cache or None).
         """
         b, t = tokens.shape
@@ -214,13 +226,14 @@ class CausalLM(nnx.Module):
             key_mask = write(cache.mask, attention_mask, index, axis=1)
             query_slots = index[..., None] + jnp.arange(t)  # [t], or [b, t] with one index per row
 
-        block_fn = nnx.remat(Block.__call__) if self.remat else Block.__call__
+        # remat saves memory for a backward pass; a cached (decoding) forward has none
+        block_fn = nnx.remat(Block.__call__) if self.remat and cache is None else Block.__call__
         x = self.embed_tokens(tokens)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             kc = cache.k[i] if cache is not None else None
             vc = cache.v[i] if cache is not None else None
-            x, kc, vc = block_fn(layer, x, positions, key_mask, query_slots, kc, vc, index, kv_len)
+            x, kc, vc = block_fn(layer, x, positions, key_mask, query_slots, kc, vc, index, kv_len, cpu_kernel)
             ks.append(kc)
             vs.append(vc)
         if last_only:

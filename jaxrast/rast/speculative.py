@@ -66,7 +66,7 @@ def speculative_round(engine, models, caches, slots, gamma: int):
     def draft(carry, j):
         cache, tok = carry
         out, cache = models[rl](tok[:, None], (slots.length + j)[:, None], cache=cache.replace(index=slots.length + j),
-                                last_only=True, kv_len=kv_len)
+                                last_only=True, kv_len=kv_len, cpu_kernel=engine.cpu_kernel)
         z = _mask_stops(out[:, -1, :vocab], slots, slots.generated + j < slots.min_tokens)
         q = _probs(z, slots)
         d = jnp.where(slots.temperature > 0, draw_probs(_keys(slots, slots.generated + j, 1), q),
@@ -82,7 +82,8 @@ def speculative_round(engine, models, caches, slots, gamma: int):
     positions = slots.length[:, None] + jnp.arange(gamma + 1)
     logits = []
     for i, (m, cache) in enumerate(zip(models, caches)):
-        out, caches[i] = m(seq, positions, cache=cache.replace(index=slots.length), kv_len=kv_len)
+        out, caches[i] = m(seq, positions, cache=cache.replace(index=slots.length), kv_len=kv_len,
+                           cpu_kernel=engine.cpu_kernel)
         logits.append(out)
     index = slots.generated[:, None] + jnp.arange(gamma + 1)  # each position's token index
     z = engine.combination(logits, index, vocab, lams=slots.lam.T[:engine.num_pairs, :, None])

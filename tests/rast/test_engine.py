@@ -11,6 +11,7 @@ import pytest
 
 from jaxrast.analysis.teacher_forcing import TeacherForcer
 from jaxrast.analysis.trajectories import Trajectory
+from jaxrast.models.cpu_attention import available as cpu_kernel_available
 from jaxrast.models.hf import load_model
 from jaxrast.rast.decoding import RAST, SamplingParams
 from jaxrast.rast.ensemble import Pair
@@ -148,6 +149,27 @@ def test_long_caches_greedy_engine_equals_static_path(trio):
     runs = [_paths(RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4, scheduler=s), prompts, params)
             for s in ("static", "continuous")]
     for ids, (a,), (b,) in zip(prompts, *runs):
+        assert_same_up_to_ties(a, b, np.asarray(combined_logits([base, rl, ref], [0.8], tok, ids, a)))
+
+
+def test_cpu_kernel_and_xla_attention_decode_the_same_rows(trio):
+    """The engine's two attention paths on one device, the C++ kernel (each row its own
+    keys) and XLA's ragged blocks, give the same greedy RAST rows up to float ties."""
+    base, rl, ref, tok = trio
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, len(tok)) for _ in range(n)] for n in LONG]
+    runs = []
+    for kernel in (True, False):
+        eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4, workers=1)
+        sched = eng.engine_for(640)
+        for group in sched.groups:
+            group.engine.cpu_kernel = kernel and group.engine.cpu_kernel
+        assert group.engine.cpu_kernel == (kernel and cpu_kernel_available())
+        requests = [Request(p, RequestParams(max_tokens=60, temperature=0.0, lam=(0.8,), row_id=i), tag=i)
+                    for i, p in enumerate(prompts)]
+        runs.append({r.tag: r.token_ids for batch in sched.run(requests) for r in batch})
+    for i, ids in enumerate(prompts):
+        a, b = runs[0][i], runs[1][i]
         assert_same_up_to_ties(a, b, np.asarray(combined_logits([base, rl, ref], [0.8], tok, ids, a)))
 
 
