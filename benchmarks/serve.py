@@ -10,6 +10,8 @@ output token after the first (TPOT), mean / p50 / p99.
     python benchmarks/serve.py                       # rates 2 8 32 req/s, 64 requests each
     python benchmarks/serve.py --rates 4 --requests 32 --no-peer
 
+The peer needs `pip install accelerate` besides the test extras.
+
 Both servers bind 127.0.0.1 on free ports and are stopped at the end. Not a timed test.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -147,6 +150,9 @@ def main() -> None:
     # jaxrast masks the stop id until max_tokens, transformers serve gets a generation config without one
     servers = [("jaxrast serve (RAST, 3 models)", start_jaxrast, lambda n: {"lam": 1.0, "min_tokens": n})]
     if not args.no_peer:
+        if importlib.util.find_spec("accelerate") is None:  # transformers 5.24's serve loads with a device map
+            raise SystemExit("the transformers serve peer needs accelerate: pip install accelerate "
+                             "(or run with --no-peer to measure jaxrast alone)")
         peer_config = json.dumps({"eos_token_id": -1, "do_sample": True})
         servers.append(("transformers serve (base)", start_transformers, lambda n: {"generation_config": peer_config}))
     gaps = {rate: rng.exponential(1.0 / rate, args.requests).tolist() for rate in args.rates}  # both servers alike
