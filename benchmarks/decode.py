@@ -20,7 +20,8 @@ per-step cost of fusion.
     python benchmarks/decode.py --family jaxrast/toy/family   # long-tail on the toy family
     python benchmarks/decode.py --workload uniform --base B --rl R --ref F
 
-Not a timed test: numbers depend on the machine.
+The static path is `static_batches.py` (the seed repo's batching: each batch decoded until its
+longest row ends). Not a timed test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def time_torch(paths, lams, prompts, new_tokens: int, vocab: int, repeats: int =
 
 def uniform(args, paths, models, tok) -> None:
     """Every row to the same length: engine vs static path vs the seed repo's HF loops."""
+    from static_batches import StaticBatches
+
     from jaxrast.rast.decoding import RAST, Pair
 
     base, rl, ref = models
@@ -133,12 +136,13 @@ def uniform(args, paths, models, tok) -> None:
     for batch in args.batches:
         prompts = prompts_for(batch, args.prompt_len, vocab)
         tokens = batch * args.new_tokens
+        fit = dict(tokenizer=tok, batch_size=batch, max_len=-(-(args.prompt_len + args.new_tokens) // 64) * 64)
         engines = {
-            "rast": RAST(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=batch),
-            "rast static": RAST(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=batch, scheduler="static"),
-            "base": RAST(base, tokenizer=tok, batch_size=batch),
-            "rl": RAST(rl, tokenizer=tok, batch_size=batch),
-            "ref": RAST(ref, tokenizer=tok, batch_size=batch),
+            "rast": RAST(base, [Pair(rl, ref, args.lam)], **fit),
+            "rast static": StaticBatches(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=batch),
+            "base": RAST(base, **fit),
+            "rl": RAST(rl, **fit),
+            "ref": RAST(ref, **fit),
         }
         secs = {name: time_jax(e, prompts, args.new_tokens) for name, e in engines.items()}
         print(f"\nbatch {batch}:")

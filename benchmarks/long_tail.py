@@ -33,8 +33,7 @@ def run_engine(rast, prompts, budgets) -> tuple[float, float]:
     """(seconds, slot occupancy) of the engine decoding every request to its budget."""
     from jaxrast.rast.requests import Request, RequestParams
 
-    max_len = -(-(max(map(len, prompts)) + max(budgets)) // 64) * 64
-    sched = rast.engine_for(max_len)
+    sched = rast.scheduler
     requests = [Request(p, RequestParams(max_tokens=b, temperature=1.0, top_p=0.95, lam=tuple(map(float, rast.lams)),
                                          row_id=i)) for i, (p, b) in enumerate(zip(prompts, budgets))]
     busy0, steps0 = sched.stats.busy_slot_steps, sched.stats.slot_steps
@@ -46,8 +45,8 @@ def run_engine(rast, prompts, budgets) -> tuple[float, float]:
 
 
 def run_static(rast, prompts, budgets) -> tuple[float, float]:
-    """The static path at the same batch size: batches in arrival order, each decoded to
-    its longest budget (a row's budget is its stop time, unknown in advance)."""
+    """The static baseline (`StaticBatches`) at the same batch size: batches in arrival order,
+    each decoded to its longest budget (a row's budget is its stop time, unknown in advance)."""
     from jaxrast.rast.decoding import SamplingParams
 
     size, t0, useful, computed = rast.batch_size, time.perf_counter(), 0, 0
@@ -90,6 +89,8 @@ def run_transformers(path: str, prompts, budgets, slots: int) -> float:
 
 
 def long_tail(args, paths, models, tok, toy: bool) -> None:
+    from static_batches import StaticBatches
+
     from jaxrast.rast.decoding import RAST, Pair
 
     base, rl, ref = models
@@ -97,14 +98,14 @@ def long_tail(args, paths, models, tok, toy: bool) -> None:
     useful = sum(budgets)
     print(f"\n== long-tail: {len(budgets)} requests, budgets median {int(np.median(budgets))}, mean "
           f"{np.mean(budgets):.0f}, max {max(budgets)} ({useful} tokens), {args.slots} slots, τ=1, top-p 0.95 ==")
+    max_len = -(-(max(map(len, prompts)) + max(budgets)) // 64) * 64  # the workload's longest row
     systems = {
-        "RAST engine": RAST(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=args.slots),
-        "RAST static": RAST(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=args.slots,
-                            scheduler="static"),
-        "base engine": RAST(base, tokenizer=tok, batch_size=args.slots),
-        "base static": RAST(base, tokenizer=tok, batch_size=args.slots, scheduler="static"),
+        "RAST engine": RAST(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=args.slots, max_len=max_len),
+        "RAST static": StaticBatches(base, [Pair(rl, ref, args.lam)], tokenizer=tok, batch_size=args.slots),
+        "base engine": RAST(base, tokenizer=tok, batch_size=args.slots, max_len=max_len),
+        "base static": StaticBatches(base, tokenizer=tok, batch_size=args.slots),
     }
-    runs = {name: run_engine if rast.scheduler == "continuous" else run_static for name, rast in systems.items()}
+    runs = {name: run_static if isinstance(rast, StaticBatches) else run_engine for name, rast in systems.items()}
     for name, rast in systems.items():
         runs[name](rast, prompts, budgets)  # warm-up: every program compiled
     # the timed runs take turns, round by round: this machine's speed drifts by up to 40% within

@@ -54,7 +54,7 @@ def toy(args) -> None:
         median = {name: float(np.median(r)) for name, r in rates.items()}
         print(f"batch {batch}:")
         for name, eng in systems.items():
-            st = eng.scheduler_stats()
+            st = eng.scheduler.stats
             extra = "" if st.acceptance is None else \
                 f"   acceptance {st.acceptance:.0%}, {st.accepted_length:.2f} tokens per round"
             print(f"  {name:12s} {median[name]:9.1f} tok/s (range {min(rates[name]):.0f}-{max(rates[name]):.0f})"

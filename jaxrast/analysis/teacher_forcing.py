@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from jaxrast.analysis.trajectories import Trajectory
 from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.ensemble import Combination, Ensemble, Pair
-from jaxrast.rast.schedule import bucket_length
 from jaxrast.runtime.distributed import host_array
+from jaxrast.runtime.shapes import bucket_length
 
 PerPosition = dict[str, np.ndarray]  # one trajectory: name -> [num_tokens, ...]
 

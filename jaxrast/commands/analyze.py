@@ -265,10 +265,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     common = dict(batch_size=args.batch_size, progress=False if args.no_progress else None)
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "no_progress"}
-    from jaxrast.models.cache import ModelCache
+    from jaxrast.models.table import ModelTable
     from jaxrast.runtime.mesh import parse_mesh
 
-    load = ModelCache(dtype=args.dtype, mesh=parse_mesh(args.mesh), allow_pickle=args.allow_pickle, progress=False)
+    load = ModelTable(dtype=args.dtype, mesh=parse_mesh(args.mesh), allow_pickle=args.allow_pickle, progress=False)
     files = _RUNNERS[args.analysis](args, load, common, config)
     print(f"wrote {', '.join(files)} ({time.perf_counter() - t0:.1f}s)")
     return 0

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add = parser.add_argument
-    add_config_and_models(parser, "jaxrast.rast.job.DecodeConfig", pair_help="a small pair and its weight (repeatable)")
+    add_config_and_models(parser, "jaxrast.commands.decode_job.DecodeConfig",
+                          pair_help="a small pair and its weight (repeatable)")
     add("--rl", help="one pair's RL model (with --ref and --lam)")
     add("--ref", help="one pair's reference (base) model")
     add("--lam", type=float, help="one pair's weight λ (default 1.0)")
@@ -58,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from jaxrast.commands.decode_job import DecodeConfig
     from jaxrast.commands.flags import finite_lam
-    from jaxrast.rast.job import DecodeConfig
     from jaxrast.runtime.config import load_config, replace
 
     base: dict = {}
@@ -94,7 +95,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxrast.rast.job import run_decode
+    from jaxrast.commands.decode_job import run_decode
     from jaxrast.runtime.distributed import is_main, maybe_initialize
 
     cfg = config_from_args(args)
@@ -126,5 +127,5 @@ def _write_trace(cfg, result, progress) -> str:
     base, pairs = engine.models[0], engine.pairs
     trajs = [Trajectory(prompt, tokens, row_id, sample) for prompt, tokens, row_id, sample in result.kept]
     return write_trace(cfg.trace_out or cfg.out.removesuffix(".jsonl") + ".trace.jsonl", trajs, base, pairs,
-                       engine.tokenizer, vocab=engine.vocab, top_k=cfg.trace_top_k, lam_schedule=engine.schedule,
+                       engine.tokenizer, vocab=engine.vocab, top_k=cfg.trace_top_k, lam_schedule=engine.lam_schedule,
                        batch_size=cfg.batch_size, progress=progress)

@@ -54,7 +54,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
     """Merges --config (a DecodeConfig YAML) with the flags; flags win."""
     base, pairs, batch, new, dtype, mesh = args.base, [], None, None, None, None
     if args.config:
-        from jaxrast.rast.job import DecodeConfig
+        from jaxrast.commands.decode_job import DecodeConfig
         from jaxrast.runtime.config import load_config
 
         cfg = load_config(DecodeConfig, args.config)

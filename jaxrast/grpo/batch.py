@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxrast.rast.schedule import bucket_length
+from jaxrast.runtime.shapes import bucket_length
 
 
 class PromptStream:

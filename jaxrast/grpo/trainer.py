@@ -87,7 +87,9 @@ class GRPOTrainer:
         self.prompt_ids = [encoded[i] for i in kept]
         self.rows, self.prompts = [rows[i] for i in kept], [texts[i] for i in kept]
         self.stream = PromptStream(len(self.rows), seed=cfg.seed, shuffle=cfg.data.shuffle)
-        self.sampler = RAST(policy, tokenizer=tokenizer, mesh=self.mesh, batch_size=cfg.rollout.batch_size)
+        longest = max(map(len, self.prompt_ids), default=1) + cfg.rollout.max_new_tokens
+        self.sampler = RAST(policy, tokenizer=tokenizer, mesh=self.mesh, batch_size=cfg.rollout.batch_size,
+                            max_len=-(-longest // 64) * 64)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
         graphdef, params = nnx.split(policy)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrast.models.attention import BLOCKED_FROM, MASKED, blocked_attention, ragged_attention
+from jaxrast.models.attention import dense_attention
+from jaxrast.models.attention_backend import AttentionBackend
 from jaxrast.models.config import ModelConfig
-from jaxrast.models.cpu_attention import decode_attention, kernel_fits
 from jaxrast.models.kv_cache import KVCache, write
 
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -82,17 +82,14 @@ class Attention(nnx.Module):
         self.v_proj = _linear(h, cfg.num_key_value_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
         self.o_proj = _linear(cfg.num_attention_heads * d, h, cfg.o_proj_bias, dtype, param_dtype, rngs)
 
-    def __call__(self, x, positions, key_mask, query_slots, k_cache=None, v_cache=None, index=None, kv_len=None,
-                 cpu_kernel=False):
-        """x [b, t, h]; key_mask [b, s]; query_slots [t] or [b, t] (cache position of each
+    def __call__(self, x, positions, key_mask, query_index, k_cache=None, v_cache=None, index=None,
+                 attention: AttentionBackend | None = None, kv_len=None):
+        """x [b, t, h]; key_mask [b, s]; query_index [t] or [b, t] (cache position of each
         query, for causality); index [] or [b] (where the new keys go, see `kv_cache.write`).
 
         Without a cache the keys are this call's own tokens (s = t); with one, the new keys
-        are written at `index` and the queries attend over the whole cache (s = max_len),
-        or, with `kv_len` (a bound above the queries' positions: [] for every row, or [b]
-        one per row) and a long cache, over its first blocks only (`models.attention`);
-        with `cpu_kernel` (the engine's decode calls on a CPU) each query reads exactly its
-        visible keys (`models.cpu_attention`).
+        are written at `index` and the queries attend over the cache through `attention`
+        (dense when None), which reads no key at or past a row's `kv_len` [b].
         Returns (out [b, t, h], k_cache, v_cache).
         """
         cfg = self.cfg
@@ -115,19 +112,12 @@ class Attention(nnx.Module):
         s = v.shape[2]
         # GQA: group query heads by their shared kv head instead of repeating k/v.
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
-        # query_slots [t] (every row) or [b, t] (rows at their own positions)
-        if cpu_kernel and k_cache is not None and kernel_fits(q.shape, k.shape, q.dtype):
-            out = decode_attention(q, k, v, jnp.broadcast_to(query_slots, (b, t)), key_mask)
-            out = out.astype(v.dtype)
+        query_index = jnp.broadcast_to(query_index, (b, t))
+        if attention is not None and k_cache is not None:
+            bounds = jnp.full((b,), s, jnp.int32) if kv_len is None else kv_len
+            out = attention(q, k, v, query_index, key_mask, bounds)
         else:
-            allowed = (jnp.arange(s) <= query_slots[..., None]) & key_mask[:, None, :]  # [b, t, s]
-            if kv_len is not None and s >= BLOCKED_FROM:  # [] one bound, [b] one per row
-                out = (ragged_attention if kv_len.ndim else blocked_attention)(q, k, v, allowed, kv_len)
-            else:
-                scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
-                scores = jnp.where(allowed[:, None, None], scores / math.sqrt(cfg.head_dim), MASKED)
-                probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-                out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # [b, kv, g, t, d]
+            out = dense_attention(q, k, v, (jnp.arange(s) <= query_index[..., None]) & key_mask[:, None, :])
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, -1)
         return self.o_proj(out).reshape(b, t, -1), k_cache, v_cache
 
@@ -153,10 +143,10 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, key_mask, query_slots, k_cache=None, v_cache=None, index=None, kv_len=None,
-                 cpu_kernel=False):
+    def __call__(self, x, positions, key_mask, query_index, k_cache=None, v_cache=None, index=None,
+                 attention=None, kv_len=None):
         attn, k_cache, v_cache = self.self_attn(
-            self.input_layernorm(x), positions, key_mask, query_slots, k_cache, v_cache, index, kv_len, cpu_kernel)
+            self.input_layernorm(x), positions, key_mask, query_index, k_cache, v_cache, index, attention, kv_len)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k_cache, v_cache
@@ -191,8 +181,8 @@ class CausalLM(nnx.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         logits_from: int = 0,
+        attention: AttentionBackend | None = None,
         kv_len: jax.Array | None = None,
-        cpu_kernel: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the model on `tokens` [batch, time].
 
@@ -205,12 +195,10 @@ class CausalLM(nnx.Module):
             saves a `[batch, time, vocab]` buffer during prefill.
         logits_from: return logits of positions logits_from.. only ([batch, time -
             logits_from, vocab]): scoring a completion skips the prompt's projections.
-        kv_len: with a cache, int32 above the queries' cache positions, [] for every row
-            (blocked attention) or [batch] one per row (ragged attention): attention reads
-            only the cache's first blocks up to it (the engine's bound over its live slots)
-            when the cache holds at least `BLOCKED_FROM` positions.
-        cpu_kernel: with a cache, attention runs in the CPU decode kernel (each query reads
-            exactly its visible keys; `models.cpu_attention`, which must be `available()`).
+        attention: with a cache, the backend that reads it (`models.attention_backend`, chosen
+            once by the engine); None: dense attention over the whole cache.
+        kv_len: with `attention`, [batch] int32 above each row's query positions: the backend
+            reads no key at or past it (0: a free slot, which reads nothing).
         Returns (logits [batch, time, vocab] float32, updated cache or None).
         """
         b, t = tokens.shape
@@ -220,11 +208,11 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = positions_from_mask(attention_mask)
         if cache is None:
-            key_mask, query_slots, index = attention_mask, jnp.arange(t), None
+            key_mask, query_index, index = attention_mask, jnp.arange(t), None
         else:
             index = cache.index
             key_mask = write(cache.mask, attention_mask, index, axis=1)
-            query_slots = index[..., None] + jnp.arange(t)  # [t], or [b, t] with one index per row
+            query_index = index[..., None] + jnp.arange(t)  # [t], or [b, t] with one index per row
 
         # remat saves memory for a backward pass; a cached (decoding) forward has none
         block_fn = nnx.remat(Block.__call__) if self.remat and cache is None else Block.__call__
@@ -233,7 +221,7 @@ class CausalLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             kc = cache.k[i] if cache is not None else None
             vc = cache.v[i] if cache is not None else None
-            x, kc, vc = block_fn(layer, x, positions, key_mask, query_slots, kc, vc, index, kv_len, cpu_kernel)
+            x, kc, vc = block_fn(layer, x, positions, key_mask, query_index, kc, vc, index, attention, kv_len)
             ks.append(kc)
             vs.append(vc)
         if last_only:

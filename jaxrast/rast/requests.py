@@ -70,6 +70,14 @@ class Request:
         return self.finish_reason is not None
 
 
+def default_stop_ids(tokenizer, stop_token_ids: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The token ids that end a row: the given ones, else the tokenizer's eos (none without one)."""
+    if stop_token_ids is not None:
+        return tuple(int(t) for t in stop_token_ids)
+    eos = None if tokenizer is None else tokenizer.eos_token_id
+    return () if eos is None else (int(eos),)
+
+
 def find_stop_string(decode: Callable[[list[int]], str], ids: Sequence[int], stops: Sequence[str],
                      after_tokens: int = 0) -> tuple[int, str] | None:
     """(tokens up to and including the one completing the first stop string, the text

@@ -9,77 +9,9 @@ import jax.numpy as jnp
 NEG_INF = -jnp.inf
 
 
-
-
 def entropy_of(logp: jax.Array) -> jax.Array:
     """Entropy -Σ p·log p [...] of log-probs [..., vocab]; masked (-inf) entries count 0, not NaN."""
     return -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1)
-
-
-def filter_top_k(logits: jax.Array, top_k: int) -> jax.Array:
-    """Keeps the `top_k` largest logits per row (ties at the threshold kept); 0 = no-op."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    return jnp.where(logits < kth, NEG_INF, logits)
-
-
-def filter_top_p(logits: jax.Array, top_p: float, candidates: int = 256) -> jax.Array:
-    """Nucleus filter: keeps the smallest set of tokens whose probability reaches `top_p`.
-
-    A token is kept if the mass of the tokens strictly more likely than it is < top_p, so
-    the token that crosses the threshold is included (as in HF and vLLM); tokens tied with
-    the last one kept are kept too.
-
-    Sorting a 152K vocabulary every step is the slowest part of sampling (~0.5 s for 16
-    rows on a CPU, slow on TPU too), so the threshold comes from the `candidates` most
-    likely tokens (`lax.top_k`) whenever they hold at least `top_p` of the mass in every
-    row, which is then exact; otherwise from a full sort. logits: [batch, vocab].
-    """
-    if top_p >= 1.0:
-        return logits
-    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-
-    def threshold(desc: jax.Array) -> jax.Array:
-        """The logit of the last kept token, from a row-wise descending prefix [batch, n]."""
-        probs = jnp.exp(desc - log_norm)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
-        return jnp.take_along_axis(desc, keep - 1, axis=-1)
-
-    full_sort = lambda: threshold(jnp.sort(logits, axis=-1)[..., ::-1])  # noqa: E731
-    if candidates >= logits.shape[-1]:  # a small vocabulary: the sort is cheap
-        cut = full_sort()
-    else:
-        top = jax.lax.top_k(logits, candidates)[0]
-        covered = jnp.all(jnp.sum(jnp.exp(top - log_norm), axis=-1) >= top_p)
-        cut = jax.lax.cond(covered, lambda: threshold(top), full_sort)
-    return jnp.where(logits < cut, NEG_INF, logits)
-
-
-def sampling_logits(z: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """The logits actually sampled from: softmax(z/τ), then top-k, then top-p."""
-    return filter_top_p(filter_top_k(z / temperature, top_k), top_p)
-
-
-def sample(keys: jax.Array, z: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """Draws one token per row. keys: [batch] PRNG keys (one stream per row, so a row's
-    draw never depends on what else is in the batch); z: [batch, vocab]. temperature 0 =
-    greedy. Returns int32 [batch]."""
-    if temperature == 0:
-        return jnp.argmax(z, axis=-1).astype(jnp.int32)
-    return draw(keys, sampling_logits(z, temperature, top_k, top_p))
-
-
-def sample_with_entropy(keys: jax.Array, z: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0
-                        ) -> tuple[jax.Array, jax.Array]:
-    """`sample`, plus the entropy [batch] of softmax(z / τ) before top-k/top-p (τ = 1 when
-    greedy): the policy entropy GRPO logs. Without filters the draw reuses its softmax (the
-    exp pass over the vocabulary costs as much as the draw itself)."""
-    probs, entropy = softmax_entropy(z / (temperature or 1.0))
-    if temperature == 0 or top_k > 0 or top_p < 1.0:
-        return sample(keys, z, temperature, top_k, top_p), entropy
-    return draw_probs(keys, probs), entropy
 
 
 def softmax_entropy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -136,18 +68,22 @@ def _invert(cdf: jax.Array, probs: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.where(first < n, first, last)
 
 
-
-
 # ---- per-row parameters: every row (an engine slot) with its own τ, top-k and top-p -----------
 
 def filter_rows(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int = 256) -> jax.Array:
-    """Top-k then top-p per row, as `filter_top_p(filter_top_k(x, k), p)` does for one
-    setting: logits [batch, vocab] (already divided by τ); top_k [batch] int (0 = off),
-    top_p [batch] float (1 = off). Each row's cut depends on that row alone.
+    """Top-k then top-p per row: logits [batch, vocab] (already divided by τ); top_k [batch]
+    int (0 = off), top_p [batch] float (1 = off). Each row's cut depends on that row alone.
 
-    The cuts come from the `candidates` most likely tokens when they decide every row (a
-    top-k within them, and a nucleus they cover), else from a full sort, whose first
-    entries are the same values: the result is the same either way."""
+    Top-k keeps the k largest logits (ties at the threshold kept). Top-p, measured on the
+    top-k-filtered law, keeps a token if the mass of the tokens strictly more likely than
+    it is < top_p, so the token that crosses the threshold is included (as in HF and vLLM);
+    tokens tied with the last one kept are kept too.
+
+    Sorting a 152K vocabulary every step is the slowest part of sampling (~0.5 s for 16
+    rows on a CPU, slow on TPU too), so the cuts come from the `candidates` most likely
+    tokens (`lax.top_k`) when they decide every row (a top-k within them, and a nucleus
+    they cover), else from a full sort, whose first entries are the same values: the
+    result is the same either way."""
     vocab = logits.shape[-1]
     k_on = (top_k > 0) & (top_k < vocab)
 
@@ -180,8 +116,10 @@ def filter_rows(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, candidate
 
 def sample_rows(keys: jax.Array, z: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
                 ) -> jax.Array:
-    """`sample` with per-row settings: temperature [batch] (0: that row is greedy), top_k
-    [batch], top_p [batch]. Returns int32 [batch]."""
+    """Draws one token per row from softmax(filter_rows(z / τ)): keys [batch] PRNG keys (one
+    stream per row, so a row's draw never depends on what else is in the batch); z [batch,
+    vocab]; temperature [batch] (0: that row is greedy, the argmax of z), top_k [batch],
+    top_p [batch]. Returns int32 [batch]."""
     scaled = z / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     drawn = draw(keys, filter_rows(scaled, top_k, top_p))
     return jnp.where(temperature > 0, drawn, jnp.argmax(z, axis=-1).astype(jnp.int32))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import threading
 import time
 from typing import Iterator, Sequence
@@ -22,7 +23,18 @@ import numpy as np
 from jaxrast.rast.engine import Engine
 from jaxrast.rast.requests import Request, cancel
 from jaxrast.rast.slot_group import SlotGroup, Stats
+from jaxrast.rast.token_rules import Record
 from jaxrast.runtime.distributed import broadcast_json
+
+
+def default_workers(slots: int, mesh) -> int:
+    """Slot groups decoding concurrently: 2 on one multi-core CPU device in a single process
+    (XLA:CPU runs a small decode step on about one core), else 1 (an accelerator, or a mesh
+    of devices, is kept busy by one)."""
+    one_device = mesh is None or mesh.devices.size == 1
+    if one_device and jax.default_backend() == "cpu" and jax.process_count() == 1 and (os.cpu_count() or 1) > 1:
+        return 2 if slots % 2 == 0 else 1
+    return 1
 
 
 def _as_json(x):
@@ -51,8 +63,9 @@ class Scheduler:
     (each group on its own thread when there are several) and yields the finished ones."""
 
     def __init__(self, engines: Sequence[Engine], *, tokenizer=None, default_lam: Sequence[float] = (),
-                 speculation: str = "off"):
+                 speculation: str = "off", record: Record = Record()):
         self.tokenizer = tokenizer
+        self.record = record  # what serving records per token (`run` takes its own)
         decode = (functools.partial(tokenizer.decode, skip_special_tokens=True) if tokenizer is not None
                   else lambda ids: "")
         self.stats = Stats()
@@ -71,6 +84,15 @@ class Scheduler:
         return self.groups[0].spec.max_len
 
     @property
+    def spec(self):
+        return self.groups[0].spec
+
+    @property
+    def attention(self) -> str:
+        """The attention backend's name (logs, /metrics)."""
+        return self.groups[0].engine.attention.name
+
+    @property
     def slots(self) -> int:
         return sum(g.spec.max_slots for g in self.groups)
 
@@ -83,8 +105,8 @@ class Scheduler:
         if need > spec.max_len:
             raise ValueError(f"the prompt ({len(req.prompt_ids)} tokens) plus max_tokens ({p.max_tokens})"
                              + (f" plus γ = {spec.gamma} draft positions" if spec.gamma else "")
-                             + f" is {need} tokens, beyond the slot length {spec.max_len}; shorten the prompt or "
-                             "lower max_tokens.")
+                             + f" is {need} tokens, beyond max_len = {spec.max_len} positions per slot; shorten "
+                             "the prompt, lower max_tokens, or build the engine with a larger max_len.")
         if len(p.stop_ids) > spec.max_stop_ids or len(p.continue_ids) > spec.max_forced:
             raise ValueError(f"at most {spec.max_stop_ids} stop ids and a continue text of {spec.max_forced} tokens "
                              f"(got {len(p.stop_ids)} and {len(p.continue_ids)}).")
@@ -109,20 +131,21 @@ class Scheduler:
                 taken.append(req)
             return taken
 
-    def _cycle(self, group: SlotGroup) -> list[Request]:
+    def _cycle(self, group: SlotGroup, record: Record) -> list[Request]:
         """Admit into the group's free slots, then one decode call (if anything is active).
         When serving on several processes, process 0 sends each cycle's plan to the others
         first (`follow`), so they issue the same programs with the same inputs."""
         requests = self._take(len(group.free)) if group.free else []
-        plan = group.plan(requests, waiting=len(self.queue), first_token_call=self.serving)
+        plan = group.plan(requests, waiting=len(self.queue), first_token_call=self.serving, record=record)
         if plan is None:
             return []
         if self.leader:
             broadcast_json(_as_json(plan))
         return group.absorb(group.execute(plan))
 
-    def run(self, requests: Sequence[Request]) -> Iterator[list[Request]]:
-        """Submits `requests` and yields lists of finished ones until all are done."""
+    def run(self, requests: Sequence[Request], record: Record = Record()) -> Iterator[list[Request]]:
+        """Submits `requests` and yields lists of finished ones until all are done, recording
+        `record` per token."""
         for req in requests:
             self.check(req)
         for engine in {id(g.engine): g.engine for g in self.groups}.values():
@@ -133,7 +156,7 @@ class Scheduler:
         if len(self.groups) == 1:
             group = self.groups[0]
             while remaining:
-                done = self._cycle(group)
+                done = self._cycle(group, record)
                 remaining -= len(done)
                 if done:
                     yield done
@@ -149,7 +172,7 @@ class Scheduler:
                         idle = not self.queue and not group.slots
                     if idle:
                         return
-                    done = self._cycle(group)
+                    done = self._cycle(group, record)
                     if done:
                         with ready:
                             results.append(done)
@@ -222,12 +245,12 @@ class Scheduler:
                         broadcast_json({"stop": True})
                     return
             try:
-                self._cycle(group)
+                self._cycle(group, self.record)
             except Exception as err:  # noqa: BLE001 - a failed call ends its requests, not the server
                 self.errors.append(err)
                 for req in list(group.slots.values()):
                     req.cancelled = True
-                    group._finish(req, "error", "")
+                    group.finish(req, "error", "")
                 group.slots.clear()
                 group.state = group.engine.init_state()
 

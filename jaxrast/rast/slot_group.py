@@ -3,15 +3,15 @@ stop strings, streamed text and finished requests (`jaxrast.rast.scheduler` driv
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxrast.rast.engine import Engine, prefill_width
+from jaxrast.rast.engine import Engine
 from jaxrast.rast.requests import Request, Update, find_stop_string, held_back, settings_arrays
+from jaxrast.rast.token_rules import Record
 from jaxrast.runtime.distributed import host_array
 
 
@@ -104,44 +104,39 @@ class SlotGroup:
                 self.state, _ = engine.decode(self.state, np.ones(self.spec.max_slots, bool), 1, speculative=kind)
         self.slots: dict[int, Request] = {}
         self.release = np.zeros(self.spec.max_slots, bool)
+        self.record = Record()  # what the last decode call recorded
 
     @property
     def free(self) -> list[int]:
         return [s for s in range(self.spec.max_slots) if s not in self.slots]
 
-    def plan(self, requests: Sequence[Request], waiting: int, first_token_call: bool = False) -> dict | None:
+    def plan(self, requests: Sequence[Request], waiting: int, first_token_call: bool = False,
+             record: Record = Record()) -> dict | None:
         """The device work of one cycle, as plain data every process can execute alike:
-        admit calls for `requests` (at most as many as free slots; one per prompt-width bucket
-        and `prefill_batch` rows), then one decode call. None: no slot is busy. `waiting`:
-        requests wait for a slot, so the decode call returns once min(waiting, max(2, slots / 8))
-        slots free: refilling after every finished row costs a call and an admit per row (on
-        the toy long-tail run, 8-slot groups, returning after 2 rows rather than 1 gave 11,224
-        against 10,093 tok/s, medians of ten interleaved rounds, 8 of them won), while a slot
-        idles only until the call returns. `first_token_call` (serving): a cycle that admits
-        runs one step, so the new requests' first tokens reach their streams without waiting
-        out a whole call (p50 TTFT on the toy family at 2 requests/s: 24.5 ms with 16-step
-        calls)."""
+        admit calls for `requests` (at most as many as free slots, `prefill_batch` a call),
+        then one decode call recording `record`. None: no slot is busy. `waiting`: requests
+        wait for a slot, so the decode call returns once min(waiting, max(2, slots / 8))
+        slots free: refilling after every finished row costs a call and an admit per row,
+        while a slot idles only until the call returns. `first_token_call` (serving): a cycle
+        that admits runs one step, so the new requests' first tokens reach their streams
+        without waiting out a whole call."""
         free = self.free
-        by_width: dict[int, list[Request]] = collections.defaultdict(list)
-        for req in requests:
-            by_width[prefill_width(len(req.prompt_ids), self.spec.max_len)].append(req)
         size, admits = self.spec.prefill_batch, []
-        for width, group in by_width.items():
-            for start in range(0, len(group), size):
-                chunk = group[start:start + size]
-                slot_ids = np.full(size, self.spec.max_slots, np.int32)
-                tokens = np.zeros((size, width), np.int32)
-                prefix = np.zeros(size, np.int32)
-                for r, req in enumerate(chunk):
-                    slot = free.pop(0)
-                    slot_ids[r], self.slots[slot], self.release[slot] = slot, req, False
-                    ids = req.prompt_ids[:-1]
-                    tokens[r, :len(ids)], prefix[r] = ids, len(ids)
-                padded = chunk + [chunk[-1]] * (size - len(chunk))  # padding rows are dropped by slot id
-                settings = settings_arrays(padded, pairs=self.engine.num_pairs, default_lam=self.default_lam,
-                                           max_stop_ids=self.spec.max_stop_ids, max_forced=self.spec.max_forced,
-                                           vocab=self.engine.vocab, gamma=self.spec.gamma)
-                admits.append({"tokens": tokens, "prefix": prefix, "slot_ids": slot_ids, "settings": settings})
+        for start in range(0, len(requests), size):
+            chunk = list(requests[start:start + size])
+            slot_ids = np.full(size, self.spec.max_slots, np.int32)
+            tokens = np.zeros((size, self.spec.max_len), np.int32)
+            prefix = np.zeros(size, np.int32)
+            for r, req in enumerate(chunk):
+                slot = free.pop(0)
+                slot_ids[r], self.slots[slot], self.release[slot] = slot, req, False
+                ids = req.prompt_ids[:-1]
+                tokens[r, :len(ids)], prefix[r] = ids, len(ids)
+            padded = chunk + [chunk[-1]] * (size - len(chunk))  # padding rows are dropped by slot id
+            settings = settings_arrays(padded, pairs=self.engine.num_pairs, default_lam=self.default_lam,
+                                       max_stop_ids=self.spec.max_stop_ids, max_forced=self.spec.max_forced,
+                                       vocab=self.engine.vocab, gamma=self.spec.gamma)
+            admits.append({"tokens": tokens, "prefix": prefix, "slot_ids": slot_ids, "settings": settings})
         for slot, req in list(self.slots.items()):  # cancelled while waiting for this call
             if req.cancelled:
                 self.release[slot] = True
@@ -149,7 +144,8 @@ class SlotGroup:
             return None
         exit_after = min(waiting, max(2, self.spec.max_slots // 8)) if waiting else self.spec.max_slots + 1
         plan = {"admits": admits, "release": self.release.copy(), "exit_after": exit_after,
-                "speculative": self.speculation.choose(), "max_steps": 1 if admits and first_token_call else None}
+                "speculative": self.speculation.choose(), "max_steps": 1 if admits and first_token_call else None,
+                "record": [record.logprobs, record.entropies, record.top_logprobs]}
         self.release[:] = False
         return plan
 
@@ -161,8 +157,10 @@ class SlotGroup:
                                            np.asarray(call["prefix"], np.int32),
                                            np.asarray(call["slot_ids"], np.int32), call["settings"])
         t0 = time.perf_counter()
+        self.record = Record(*plan["record"])
         self.state, out = self.engine.decode(self.state, np.asarray(plan["release"], bool), plan["exit_after"],
-                                             speculative=bool(plan.get("speculative")), max_steps=plan.get("max_steps"))
+                                             speculative=bool(plan.get("speculative")), max_steps=plan.get("max_steps"),
+                                             record=self.record)
         out = host_array(out)
         if plan.get("max_steps") is None:  # a one-step call's tokens/s says little of its kind
             self.speculation.record(bool(plan.get("speculative")), int(out.count.sum()), time.perf_counter() - t0)
@@ -176,11 +174,11 @@ class SlotGroup:
             n = int(out.count[slot])
             new = out.tokens[slot, :n].tolist()
             req.token_ids += new
-            if self.spec.logprobs:
+            if self.record.logprobs:
                 req.logprobs += out.logprobs[slot, :n].tolist()
-            if self.spec.entropies:
+            if self.record.entropies:
                 req.entropies += out.entropies[slot, :n].tolist()
-            if self.spec.top_logprobs:
+            if self.record.top_logprobs:
                 req.top_logprobs += [list(zip(ids.tolist(), vals.tolist()))
                                      for ids, vals in zip(out.top_ids[slot, :n], out.top_logprobs[slot, :n])]
             reason, text = None, None
@@ -198,7 +196,7 @@ class SlotGroup:
             if reason is not None:
                 del self.slots[slot]
                 self.release[slot] = not out.finished[slot]  # still active on the device
-                finished.append(self._finish(req, reason, text))
+                finished.append(self.finish(req, reason, text))
             elif new:
                 self._stream(req, new, n)
         self.stats.record(out, finished=len(finished), slots=self.spec.max_slots,
@@ -211,11 +209,11 @@ class SlotGroup:
         text = self.decode_text(req.token_ids)
         safe = len(text) - held_back(text, req.params.stop_strings)
         update = Update(new, text[req.shown:safe] if safe > req.shown else "",
-                        req.logprobs[-n:] if self.spec.logprobs else [])
+                        req.logprobs[-n:] if self.record.logprobs else [])
         req.shown = max(req.shown, safe)
         req.on_update(update)
 
-    def _finish(self, req: Request, reason: str, text: str | None) -> Request:
+    def finish(self, req: Request, reason: str, text: str | None) -> Request:
         """text: the text before a stop string (None: all of the tokens' text)."""
         req.text = self.decode_text(req.token_ids) if text is None else text
         req.finish_reason = reason

@@ -21,7 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrast.rast.sampling import draw_probs, row_entropies, row_probs
+from jaxrast.rast.sampling import draw_probs, row_probs
+from jaxrast.rast.token_rules import Record, advance, force_continue, mask_early_stops, recorded, row_ends, slot_logits
 
 
 def _keys(slots, index: jax.Array, salt: int) -> jax.Array:
@@ -31,50 +32,32 @@ def _keys(slots, index: jax.Array, salt: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (0, None))(keys, salt)
 
 
-def _mask_stops(z: jax.Array, slots, early: jax.Array) -> jax.Array:
-    """Before min_tokens a stop id is masked (as in a plain step), unless a continue text
-    will replace it. z [S, V], early [S]."""
-    rows = jnp.arange(z.shape[0])[:, None]
-    blocked = jnp.where((early & (slots.forced_len == 0))[:, None], -jnp.inf, jnp.inf)
-    return z.at[rows, slots.stop_ids].min(blocked, mode="drop")
-
-
-def attention_bound(slots, fed: int, per_row: bool) -> jax.Array:
-    """Where attention stops reading the cache while `fed` positions are fed: [S] each
-    slot's own length + fed (`ragged_attention`; a free slot reads nothing), or [] the
-    longest active slot's (`blocked_attention`). Never a free slot's stale keys or the
-    unused tail."""
-    if per_row:
-        return jnp.where(slots.active, slots.length + fed, 0)
-    return jnp.max(jnp.where(slots.active, slots.length, 0)) + fed
-
-
-def _probs(z: jax.Array, slots) -> jax.Array:
-    return row_probs(z, slots.temperature, slots.top_k, slots.top_p)
-
-
-def speculative_round(engine, models, caches, slots, gamma: int):
-    """One round for every slot; returns (caches, slots, emitted) where emitted holds
-    tokens [S, γ+1] (the first `count` [S] are the round's), their log-probs, entropies,
-    top log-probs, the finished / stopped flags, and drafted / accepted counts."""
-    rl, vocab, s = engine.rl_index, engine.vocab, slots.token.shape[0]
+def speculative_round(models, caches, slots, *, gamma: int, rl_index: int, combination, vocab: int,
+                      num_pairs: int, attention, record: Record):
+    """One round for every slot: models (distinct, base first) and their caches, the first
+    pair's rl model at `rl_index` drafting; `attention` the engine's backend. Returns
+    (caches, slots, emitted) where emitted holds tokens [S, γ+1] (the first `count` [S] are
+    the round's), their log-probs, entropies, top log-probs, the finished / stopped flags,
+    and drafted / accepted counts."""
+    s = slots.token.shape[0]
     # γ = 0 for slots whose draft is their target (the rl model alone) or that may force a continue text
     g_eff = jnp.where(slots.rl_only | (slots.forced_len > 0), 0, jnp.minimum(slots.gamma, gamma))
-
-    kv_len = attention_bound(slots, gamma + 1, engine.ragged)  # every position this round feeds
+    kv_len = jnp.where(slots.active, slots.length + gamma + 1, 0)  # every position this round feeds
 
     def draft(carry, j):
         cache, tok = carry
-        out, cache = models[rl](tok[:, None], (slots.length + j)[:, None], cache=cache.replace(index=slots.length + j),
-                                last_only=True, kv_len=kv_len, cpu_kernel=engine.cpu_kernel)
-        z = _mask_stops(out[:, -1, :vocab], slots, slots.generated + j < slots.min_tokens)
-        q = _probs(z, slots)
+        out, cache = models[rl_index](tok[:, None], (slots.length + j)[:, None],
+                                      cache=cache.replace(index=slots.length + j), last_only=True,
+                                      attention=attention, kv_len=kv_len)
+        z = mask_early_stops(out[:, -1, :vocab], slots.stop_ids, slots.generated + j < slots.min_tokens,
+                             slots.forced_len)
+        q = row_probs(z, slots.temperature, slots.top_k, slots.top_p)
         d = jnp.where(slots.temperature > 0, draw_probs(_keys(slots, slots.generated + j, 1), q),
                       jnp.argmax(z, axis=-1).astype(jnp.int32))
         return (cache, d), (d, q)
 
     caches = list(caches)
-    (caches[rl], _), (drafts, qs) = jax.lax.scan(draft, (caches[rl], slots.token), jnp.arange(gamma))
+    (caches[rl_index], _), (drafts, qs) = jax.lax.scan(draft, (caches[rl_index], slots.token), jnp.arange(gamma))
     drafts, qs = drafts.T, jnp.swapaxes(qs, 0, 1)  # [S, γ], [S, γ, V]
 
     # verify: the pending token and the drafts, γ + 1 positions, through every model
@@ -82,19 +65,18 @@ def speculative_round(engine, models, caches, slots, gamma: int):
     positions = slots.length[:, None] + jnp.arange(gamma + 1)
     logits = []
     for i, (m, cache) in enumerate(zip(models, caches)):
-        out, caches[i] = m(seq, positions, cache=cache.replace(index=slots.length), kv_len=kv_len,
-                           cpu_kernel=engine.cpu_kernel)
+        out, caches[i] = m(seq, positions, cache=cache.replace(index=slots.length), attention=attention,
+                           kv_len=kv_len)
         logits.append(out)
     index = slots.generated[:, None] + jnp.arange(gamma + 1)  # each position's token index
-    z = engine.combination(logits, index, vocab, lams=slots.lam.T[:engine.num_pairs, :, None])
-    if rl is not None:
-        z = jnp.where(slots.rl_only[:, None, None], logits[rl][..., :vocab], z)
+    z = slot_logits(logits, slots, index, combination=combination, vocab=vocab, num_pairs=num_pairs,
+                    rl_index=rl_index)
     flat = lambda x: x.reshape(s * (gamma + 1), *x.shape[2:])  # noqa: E731 - rows = (slot, position)
     per_pos = lambda field: jnp.repeat(field, gamma + 1, axis=0)  # noqa: E731
-    wide = slots.replace(**{f: per_pos(getattr(slots, f)) for f in
-                            ("temperature", "top_k", "top_p", "stop_ids", "forced_len", "min_tokens")})
-    z_masked = _mask_stops(flat(z), wide, flat(index) < wide.min_tokens)
-    p = _probs(z_masked, wide).reshape(s, gamma + 1, -1)
+    z_masked = mask_early_stops(flat(z), per_pos(slots.stop_ids), flat(index) < per_pos(slots.min_tokens),
+                                per_pos(slots.forced_len))
+    p = row_probs(z_masked, per_pos(slots.temperature), per_pos(slots.top_k), per_pos(slots.top_p))
+    p = p.reshape(s, gamma + 1, -1)
 
     # accept or reject each draft, in order
     p_d = jnp.take_along_axis(p[:, :gamma], drafts[..., None], axis=-1)[..., 0]
@@ -115,45 +97,21 @@ def speculative_round(engine, models, caches, slots, gamma: int):
     law = jnp.where(rejected & (mass > 0), residual / jnp.where(mass > 0, mass, 1.0), p_next)
     x = jnp.where(greedy[:, 0], jnp.take_along_axis(target, accepted[:, None], axis=1)[:, 0],
                   draw_probs(_keys(slots, slots.generated + accepted, 3), law))
-    x, new_forced = _continue_text(x, slots)  # γ = 0 slots: a plain step's continue-text logic
+    x, new_forced, forced = force_continue(x, slots)  # only γ = 0 slots force: their token is a plain step's
     emitted = jnp.where(jnp.arange(gamma + 1) < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), x[:, None])
 
     # stops and budgets cut inside the round
-    is_stop = jnp.any(emitted[..., None] == slots.stop_ids[:, None, :], axis=-1) & (index >= slots.min_tokens[:, None])
-    is_stop &= ~(slots.forced_pos >= 0)[:, None] | (jnp.arange(gamma + 1) > 0)  # a forced token never stops
-    ends = is_stop | (index + 1 >= slots.budget[:, None])
+    stops, ends = row_ends(emitted, index, slots, forced[:, None] & (jnp.arange(gamma + 1) == 0))
     ends &= jnp.arange(gamma + 1) <= accepted[:, None]
     first_end = jnp.argmax(ends, axis=1)
     finished = jnp.any(ends, axis=1)
     count = jnp.where(finished, first_end + 1, accepted + 1)
-    stopped = finished & jnp.take_along_axis(is_stop, first_end[:, None], axis=1)[:, 0]
+    stopped = finished & jnp.take_along_axis(stops, first_end[:, None], axis=1)[:, 0]
     act = slots.active
     count = jnp.where(act, count, 0)
     last = jnp.take_along_axis(emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
-
-    log_z = jax.nn.log_softmax(z, axis=-1) if engine.spec.logprobs or engine.spec.top_logprobs else None
-    logp = jnp.take_along_axis(log_z, emitted[..., None], axis=-1)[..., 0] if engine.spec.logprobs else \
-        jnp.zeros(emitted.shape, jnp.float32)
-    top = jax.lax.top_k(log_z, engine.spec.top_logprobs) if engine.spec.top_logprobs else None
-    ent = row_entropies(flat(z), wide.temperature).reshape(s, gamma + 1) if engine.spec.entropies else \
-        jnp.zeros(emitted.shape, jnp.float32)
-    slots = slots.replace(token=jnp.where(act, last, slots.token), length=slots.length + count,
-                          generated=slots.generated + count, active=act & ~finished,
-                          forced_pos=jnp.where(act, new_forced, slots.forced_pos))
+    logp, top, ent = recorded(z, emitted, slots.temperature, record)
+    slots = advance(slots, last, count, finished, new_forced)
     info = dict(tokens=emitted, count=count, logprobs=logp, entropies=ent, top=top, finished=act & finished,
                 stopped=act & stopped, drafted=jnp.where(act, g_eff, 0), accepted=jnp.where(act, accepted, 0))
     return tuple(caches), slots, info
-
-
-def _continue_text(x: jax.Array, slots) -> tuple[jax.Array, jax.Array]:
-    """(token, next forced position) after a plain step's continue-text rule: a stop id drawn
-    before min_tokens in a slot with a continue text starts it, and a started one goes on.
-    Only γ = 0 slots can have one, so their round token is a plain step's."""
-    rows = jnp.arange(x.shape[0])
-    forcing = slots.forced_pos >= 0
-    is_stop = jnp.any(x[:, None] == slots.stop_ids, axis=-1)
-    start = ~forcing & is_stop & (slots.generated < slots.min_tokens) & (slots.forced_len > 0)
-    at = jnp.where(forcing, slots.forced_pos, 0)
-    x = jnp.where(forcing | start, slots.forced[rows, at], x)
-    pos = jnp.where(forcing | start, at + 1, -1)
-    return x, jnp.where(pos >= slots.forced_len, -1, pos)

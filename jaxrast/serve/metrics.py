@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 # latency buckets (seconds): a toy token takes ~1 ms on CPU, a 32B one ~30 ms on a TPU slice
 _TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -17,6 +17,7 @@ class Metrics:
     def __init__(self, service: Any):  # a jaxrast.serve.service.Service
         self.registry = r = CollectorRegistry()
         sched = service.scheduler
+        Info("jaxrast_attention", "The engine's attention backend", registry=r).info({"backend": sched.attention})
         Gauge("jaxrast_requests_waiting", "Requests queued for a slot", registry=r).set_function(
             lambda: len(sched.queue))
         Gauge("jaxrast_requests_running", "Requests decoding in a slot", registry=r).set_function(lambda: sched.running)

@@ -135,13 +135,13 @@ def shift_of(service: Service, body: CompletionRequest, c: Choice, top: int = 5)
     from jaxrast.analysis.trajectories import Trajectory
     from jaxrast.rast.ensemble import Pair
 
-    r, rast = c.request, service.rast
-    if not r.token_ids or r.params.mode != "rast" or not rast.pairs:
+    r = c.request
+    if not r.token_ids or r.params.mode != "rast" or not service.pairs:
         return None
-    lams = r.params.lam if r.params.lam is not None else tuple(float(p.lam) for p in rast.pairs)
-    pairs = [Pair(p.rl, p.ref, lam) for p, lam in zip(rast.pairs, lams)]
-    pos = trace_positions([Trajectory(r.prompt_ids, r.token_ids)], rast.models[0], pairs, vocab=rast.vocab,
-                          top_k=top, lam_schedule=rast.schedule, progress=False)[0]
+    lams = r.params.lam if r.params.lam is not None else tuple(float(p.lam) for p in service.pairs)
+    pairs = [Pair(p.rl, p.ref, lam) for p, lam in zip(service.pairs, lams)]
+    pos = trace_positions([Trajectory(r.prompt_ids, r.token_ids)], service.base, pairs, vocab=service.vocab,
+                          top_k=top, lam_schedule=service.lam_schedule, progress=False)[0]
     tok = service.token_text
 
     def tops(kind: str) -> list[list[list]]:

@@ -1,5 +1,5 @@
 """Builds and runs a server: load the models once, compile every program (one warm-up
-request per prompt bucket), then serve on uvicorn until SIGTERM / Ctrl-C."""
+request), then serve on uvicorn until SIGTERM / Ctrl-C."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from jaxrast.serve.config import ServeConfig
 
 def build_service(cfg: ServeConfig):
     """(service, app) for `cfg`: models loaded, programs warmed up."""
-    from jaxrast.models.cache import ModelCache
-    from jaxrast.rast.decoding import RAST
+    from jaxrast.models.table import ModelTable
+    from jaxrast.rast.engine import EngineSpec
     from jaxrast.rast.ensemble import Pair
     from jaxrast.runtime.distributed import on_every_process, process_count
     from jaxrast.runtime.mesh import parse_mesh
@@ -26,7 +26,7 @@ def build_service(cfg: ServeConfig):
         raise ValueError("jaxrast serve needs --base (and usually --pair RL REF LAM).")
     # several processes without a mesh would each serve on one device: use them all
     mesh = parse_mesh(cfg.mesh or ("1,-1,1" if process_count() > 1 else None))
-    load = ModelCache(dtype=cfg.dtype, mesh=mesh, allow_pickle=cfg.allow_pickle)
+    load = ModelTable(dtype=cfg.dtype, mesh=mesh, allow_pickle=cfg.allow_pickle)
     base, pairs = on_every_process(lambda: (load(cfg.base), [Pair(load(rl), load(ref), float(lam))
                                                               for rl, ref, lam in cfg.pairs]), "loading the models")
     if load.tokenizer is None:
@@ -38,27 +38,23 @@ def build_service(cfg: ServeConfig):
         template = open(cfg.chat_template, encoding="utf-8").read()
     context = min(m.cfg.max_position_embeddings for m in [base, *(m for p in pairs for m in (p.rl, p.ref))])
     max_len = cfg.max_len or min(context, 4096)
-    rast = RAST(base, pairs, tokenizer=load.tokenizer, mesh=mesh, batch_size=cfg.max_slots,
-                steps_per_call=cfg.steps_per_call, prefill_batch=8 if cfg.max_slots >= 8 else None,
-                speculative=cfg.speculative, speculative_mode=cfg.speculative_mode)
-    service = Service(rast, max_len=max_len, max_waiting=cfg.max_waiting, model_name=cfg.served_model_name,
-                      chat_template=template, top_logprobs=cfg.top_logprobs)
+    spec = EngineSpec(max_slots=cfg.max_slots, max_len=max_len, steps=cfg.steps_per_call,
+                      prefill_batch=min(8, cfg.max_slots), gamma=cfg.speculative)
+    service = Service(base, pairs, spec=spec, tokenizer=load.tokenizer, mesh=mesh,
+                      speculative_mode=cfg.speculative_mode, max_waiting=cfg.max_waiting,
+                      model_name=cfg.served_model_name, chat_template=template, top_logprobs=cfg.top_logprobs)
+    print(f"jaxrast serve: {spec.max_slots} slots of {max_len} positions, attention backend "
+          f"{service.scheduler.attention}", file=sys.stderr, flush=True)
     warm_up(service)
     return service, create_app(service, api_key=cfg.api_key, grace_s=cfg.grace)
 
 
 def warm_up(service) -> None:
-    """One request per prompt bucket (and the decode program): nothing compiles once serving."""
-    from jaxrast.rast.engine import prefill_width
+    """One request through the admit and decode programs: every prompt length runs the same
+    admit program, so nothing compiles once serving."""
     from jaxrast.rast.requests import Request, RequestParams
 
-    max_len = service.max_len
-    widths = sorted({prefill_width(n, max_len) for n in range(1, max_len)})
-    lengths = {}
-    for n in range(1, max_len):  # the shortest prompt of each bucket that leaves room for a token
-        lengths.setdefault(prefill_width(n, max_len), n)
-    requests = [Request([3] * lengths[w], RequestParams(max_tokens=1, row_id=i)) for i, w in enumerate(widths)]
-    for _ in service.scheduler.run(requests):
+    for _ in service.scheduler.run([Request([3, 3], RequestParams(max_tokens=2))], service.scheduler.record):
         pass
 
 

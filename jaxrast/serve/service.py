@@ -16,8 +16,11 @@ import time
 from typing import Any, AsyncIterator, Sequence
 
 from jaxrast.data.prompts import encode_prompts
-from jaxrast.rast.decoding import RAST
-from jaxrast.rast.requests import Request, RequestParams, Update
+from jaxrast.rast.decoding import make_scheduler
+from jaxrast.rast.engine import EngineSpec
+from jaxrast.rast.ensemble import Pair
+from jaxrast.rast.requests import Request, RequestParams, Update, default_stop_ids
+from jaxrast.rast.token_rules import Record
 from jaxrast.serve.metrics import Metrics
 
 
@@ -44,17 +47,23 @@ class Choice:
 
 
 class Service:
-    """Serves `rast` (its base, pairs and tokenizer) through its engine with slots of
-    `max_len` positions; at most `max_waiting` requests queue for a slot."""
+    """Serves `base` with `pairs` on an engine of shape `spec` (one slot group: serving keeps
+    an accelerator busy with one, and requests then share every slot); at most
+    `max_waiting` requests queue for a slot."""
 
-    def __init__(self, rast: RAST, *, max_len: int, max_waiting: int = 256, model_name: str = "jaxrast",
+    def __init__(self, base, pairs: Sequence[Pair] = (), *, spec: EngineSpec, tokenizer=None, mesh=None,
+                 speculative_mode: str = "on", max_waiting: int = 256, model_name: str = "jaxrast",
                  chat_template: str | None = None, top_logprobs: int = 5):
-        self.rast, self.model_name, self.max_waiting = rast, model_name, max_waiting
-        self.tokenizer = rast.tokenizer
+        self.base, self.pairs = base, list(pairs)
+        self.model_name, self.max_waiting = model_name, max_waiting
+        self.tokenizer = tokenizer
         self.chat_template = chat_template
-        stop_ids = rast._stop_ids(rast_defaults())
-        self.default_stop_ids = stop_ids
-        self.scheduler = rast.engine_for(max_len, logprobs=True, top_logprobs=top_logprobs)
+        self.default_stop_ids = default_stop_ids(tokenizer)
+        ensemble, self.scheduler = make_scheduler(
+            base, self.pairs, tokenizer=tokenizer, mesh=mesh, spec=spec, speculative_mode=speculative_mode,
+            record=Record(logprobs=True, top_logprobs=top_logprobs))
+        self.vocab = ensemble.vocab
+        self.lam_schedule = ensemble.combination(base, self.pairs).schedule
         self.metrics = Metrics(self)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -70,7 +79,7 @@ class Service:
 
     @property
     def num_pairs(self) -> int:
-        return len(self.rast.pairs)
+        return len(self.pairs)
 
     def start(self) -> None:
         self.scheduler.start()
@@ -91,9 +100,9 @@ class Service:
                 raise BadRequest(str(err), param) from None
         else:
             ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.rast.vocab]
+            bad = [t for t in ids if not 0 <= t < self.vocab]
             if bad:
-                raise BadRequest(f"token id {bad[0]} is outside the vocabulary of {self.rast.vocab} tokens", param)
+                raise BadRequest(f"token id {bad[0]} is outside the vocabulary of {self.vocab} tokens", param)
         if not ids:
             raise BadRequest("the prompt is empty; give at least one token", param)
         return ids
@@ -107,7 +116,7 @@ class Service:
         return tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
     def text(self, ids: list[int]) -> str:
-        return self.rast._decode_text(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else str(token)
@@ -132,7 +141,7 @@ class Service:
         if body.mode == "rl" and not self.num_pairs:  # ("rast" with no pairs is the base alone)
             raise BadRequest("mode 'rl' decodes the first pair's rl model, and this server has no pair", "mode")
         cont = tuple(self.encode(body.continue_text, "continue_text")) if body.continue_text else ()
-        gamma = self.scheduler.groups[0].spec.gamma
+        gamma = self.scheduler.spec.gamma
         if body.gamma is not None and body.gamma > gamma:
             raise BadRequest(f"gamma={body.gamma} is more than this server's speculative γ = {gamma}", "gamma")
         return RequestParams(max_tokens=budget, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -187,7 +196,3 @@ class Service:
             pass
         return choice.request
 
-
-def rast_defaults():
-    from jaxrast.rast.params import SamplingParams
-    return SamplingParams()

@@ -16,7 +16,7 @@ from jaxrast.models.kv_cache import KVCache
 from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.combine import combine_logits
 from jaxrast.rast.decoding import RAST, Pair, SamplingParams
-from jaxrast.rast.schedule import bucket_length
+from jaxrast.runtime.shapes import bucket_length
 
 SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, inter=64)
 PROMPTS = ["abc de", "hello world 12+3=", "x", "qq rr ss tt 1 2 3", "7*8="]

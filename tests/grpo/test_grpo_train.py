@@ -185,8 +185,8 @@ def test_new_rollout_seeds_do_not_recompile_the_sampler():
     from jaxrast.rast.decoding import RAST, SamplingParams
 
     policy, tok = toy_policy()
-    engine = RAST(policy, tokenizer=tok, batch_size=8)
+    engine = RAST(policy, tokenizer=tok, batch_size=8, max_len=64)
     runs = [engine.generate(["bcd"], SamplingParams(max_new_tokens=4, n=4, seed=s)) for s in range(3)]
-    programs = engine.engine_for(64, logprobs=True).groups[0].engine
+    programs = engine.scheduler.groups[0].engine
     assert programs._decode._cache_size() == 1 and programs._admit._cache_size() == 1
     assert len({tuple(c.token_ids) for run in runs for c in run[0]}) > 1

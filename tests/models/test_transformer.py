@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from jaxrast.models.attention_backend import AttentionBackend
+from jaxrast.models.cpu_attention import available as cpu_kernel_available
 from jaxrast.models.hf import load_model
 from jaxrast.models.kv_cache import KVCache
 
@@ -111,35 +113,14 @@ def test_param_dtype_separate_from_compute_dtype(ckpt_dir):
     assert logits.dtype == jnp.float32
 
 
-def test_blocked_attention_reads_only_live_blocks_and_rows_ignore_the_bound(ckpt_dir):
-    """The engine's decode bound (`kv_len`) changes which cache blocks are read, never a
-    row's result: rows at lengths 30, 200, 390 of a 512-position cache (4 blocks) agree with
-    full attention, and bit for bit across every bound that covers them."""
-    model, cfg, _ = load_model(ckpt_dir("qwen2", kv_heads=2))
-    ids = jnp.asarray(random_ids(5, (3, 400)))
-    cache = KVCache.init(cfg, 3, 512, per_row=True, mask=True)
-    _, cache = model(ids, cache=cache)
-    lengths = jnp.asarray([30, 200, 390], jnp.int32)
-    token = ids[jnp.arange(3), lengths][:, None]
-
-    @jax.jit
-    def step(kv_len):
-        return model(token, lengths[:, None], cache=cache.replace(index=lengths), last_only=True,
-                     kv_len=kv_len)[0][:, -1]
-
-    full = np.asarray(model(token, lengths[:, None], cache=cache.replace(index=lengths), last_only=True)[0][:, -1])
-    by_bound = {n: np.asarray(step(jnp.int32(n))) for n in (31, 201, 391, 512)}
-    np.testing.assert_allclose(by_bound[512], full, atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(by_bound[31][0], by_bound[512][0])
-    np.testing.assert_array_equal(by_bound[201][:2], by_bound[512][:2])
-    np.testing.assert_array_equal(by_bound[391], by_bound[512])
-    assert not np.allclose(by_bound[31][2], full[2], atol=1e-3)  # the bound is really applied
-
-
-def test_ragged_attention_rows_read_their_own_blocks_bit_for_bit(ckpt_dir):
-    """Per-row bounds (`ragged_attention`): each row agrees with full attention, and its
-    result is the same bit for bit whatever its neighbours' bounds and whichever slot it
-    sits in (its blocks land at other places in the pair loop); a free slot reads nothing."""
+@pytest.mark.parametrize("kind", ["xla_ragged", "cpu_kernel"])
+def test_attention_backends_read_each_rows_own_keys_bit_for_bit(ckpt_dir, kind):
+    """Per-row bounds through a backend (XLA's ragged blocks, the C++ kernel): each row
+    agrees with dense attention, and its result is the same bit for bit whatever its
+    neighbours' bounds and whichever slot it sits in; a free slot reads nothing."""
+    if kind == "cpu_kernel" and not cpu_kernel_available():
+        pytest.skip("no C++ compiler: the CPU kernel is not built")
+    backend = AttentionBackend(kind)
     model, cfg, _ = load_model(ckpt_dir("qwen2", kv_heads=2))
     ids = jnp.asarray(random_ids(6, (4, 500)))
     lengths = jnp.asarray([30, 200, 390, 470], jnp.int32)
@@ -149,7 +130,8 @@ def test_ragged_attention_rows_read_their_own_blocks_bit_for_bit(ckpt_dir):
         cache = KVCache.init(cfg, 4, 512, per_row=True, mask=True)
         _, cache = model(ids[order], cache=cache)
         pos, tok = lengths[order], ids[order][jnp.arange(4), lengths[order]][:, None]
-        out = model(tok, pos[:, None], cache=cache.replace(index=pos), last_only=True, kv_len=bounds)[0][:, -1]
+        out = model(tok, pos[:, None], cache=cache.replace(index=pos), last_only=True, attention=backend,
+                    kv_len=bounds)[0][:, -1]
         full = model(tok, pos[:, None], cache=cache.replace(index=pos), last_only=True)[0][:, -1]
         return out, full
 
@@ -162,8 +144,9 @@ def test_ragged_attention_rows_read_their_own_blocks_bit_for_bit(ckpt_dir):
     flipped = jnp.asarray([3, 1, 0, 2])
     moved, _ = step(flipped, lengths[flipped] + 1)
     np.testing.assert_array_equal(np.asarray(moved), own[np.asarray(flipped)])
-    short, _ = step(order, jnp.asarray([31, 201, 31, 471], jnp.int32))
-    assert not np.allclose(np.asarray(short)[2], full[2], atol=1e-3)  # the bound is really applied
-    idle, _ = step(order, jnp.asarray([0, 201, 391, 0], jnp.int32))  # free slots (bound 0) read no block
+    if kind == "xla_ragged":  # the kernel reads up to each query's position, whatever the bound
+        short, _ = step(order, jnp.asarray([31, 201, 31, 471], jnp.int32))
+        assert not np.allclose(np.asarray(short)[2], full[2], atol=1e-3)  # the bound is really applied
+    idle, _ = step(order, jnp.asarray([0, 201, 391, 0], jnp.int32))  # free slots (bound 0)
     np.testing.assert_array_equal(np.asarray(idle)[1:3], own[1:3])
     assert np.isfinite(np.asarray(idle)).all()

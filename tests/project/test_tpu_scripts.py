@@ -11,8 +11,8 @@ import sys
 import pytest
 from hf_fixtures import REPO
 
+from jaxrast.commands.decode_job import DecodeConfig
 from jaxrast.plan.memory import DEVICES, DecodeShape, rast_plan, resolve_config, totals
-from jaxrast.rast.job import DecodeConfig
 from jaxrast.runtime.config import load_config
 from jaxrast.runtime.mesh import mesh_sizes
 

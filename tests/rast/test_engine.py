@@ -1,6 +1,7 @@
-"""The continuous-batching engine against the static path, and its own guarantees: a row's
-tokens never depend on its neighbours, its slot or the order requests arrive in; no
-recompilation after warm-up; min_tokens and continue texts; requests that cannot fit."""
+"""The continuous-batching engine against the plain reference decoder (tests/reference_decoder.py),
+and its own guarantees: a row's tokens never depend on its neighbours, its slot or the order
+requests arrive in (on one device and on a mesh); nothing compiles after the first call;
+min_tokens and continue texts; requests that cannot fit are refused."""
 
 import dataclasses
 import random
@@ -8,9 +9,9 @@ import random
 import jax
 import numpy as np
 import pytest
+from reference_decoder import assert_same_up_to_ties, law, reference_decode
 
-from jaxrast.analysis.teacher_forcing import TeacherForcer
-from jaxrast.analysis.trajectories import Trajectory
+from jaxrast.models.attention_backend import AttentionBackend
 from jaxrast.models.cpu_attention import available as cpu_kernel_available
 from jaxrast.models.hf import load_model
 from jaxrast.rast.decoding import RAST, SamplingParams
@@ -21,8 +22,6 @@ from jaxrast.runtime.mesh import make_mesh
 SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, inter=64)
 PROMPTS = ["abc de", "hello world 12+3=", "x", "qq rr ss tt uu vv ww xx yy zz 1 2 3 4 5 6 7 8 9",
            "a" * 40, "9+9=", "z y x w", "the cat sat on the mat 7*7="]
-
-
 @pytest.fixture(scope="module")
 def trio(ckpt_dir):
     """(base, rl, ref, tokenizer) with a padded vocabulary (96 rows, 49 tokens)."""
@@ -32,84 +31,76 @@ def trio(ckpt_dir):
     return base, rl, ref, tok
 
 
-def combined_logits(models, lams, tok, prompt_ids, token_ids):
-    """z at every step of a trajectory, teacher-forced: [steps, vocab]."""
-    forcer = TeacherForcer(models, vocab=len(tok))
-    pairs = [Pair(models[1 + 2 * i], models[2 + 2 * i], lam) for i, lam in enumerate(lams)]
-    comb = forcer.combination(models[0], pairs)
-    stats = lambda logits, targets, steps: {"z": comb(logits, steps, len(tok))}  # noqa: E731
-    return forcer.run(stats, [Trajectory(prompt_ids, token_ids)], progress=False)[0]["z"]
+def mode_models(trio, mode, lam=0.8):
+    """(models for the reference, λs, the RAST's base and pairs) of a decoding mode."""
+    base, rl, ref, _ = trio
+    return {"rast": ([base, rl, ref], [lam], base, [Pair(rl, ref, lam)]), "base": ([base], [], base, []),
+            "rl": ([rl], [], rl, [])}[mode]
 
 
-def assert_same_up_to_ties(a, b, z):
-    """Two greedy paths are equal, or part where the two best combined logits of the path
-    `a` are within 1e-4 (a float tie either program may break its own way)."""
-    for step, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            top2 = np.sort(z[step])[-2:]
-            assert top2[1] - top2[0] < 1e-4, (step, a, b, top2)
-            return
-    assert len(a) == len(b) or a[:len(b)] == b or b[:len(a)] == a
+def ids_of(tok, prompt):
+    return prompt if isinstance(prompt, list) else tok(prompt, add_special_tokens=False)["input_ids"]
 
 
-def _paths(eng, prompts, params):
-    return [[c.token_ids for c in r] for r in eng.generate(prompts, params, progress=False)]
+def check_greedy(eng, models, lams, tok, prompts, max_new=40, stop_ids=None):
+    stop = (tok.eos_token_id,) if stop_ids is None else stop_ids
+    out = eng.generate(prompts, SamplingParams(temperature=0, max_new_tokens=max_new, stop_token_ids=stop),
+                       progress=False)
+    for prompt, (c,) in zip(prompts, out):
+        want, z = reference_decode(models, lams, ids_of(tok, prompt), vocab=len(tok), max_new_tokens=max_new,
+                                   stop_ids=stop)
+        assert_same_up_to_ties(c.token_ids, want, z)
 
 
 @pytest.mark.parametrize("mode", ["rast", "base", "rl"])
-def test_greedy_engine_equals_static_path(trio, mode):
-    base, rl, ref, tok = trio
-    models, lams = {"rast": ([base, rl, ref], [0.8]), "base": ([base], []), "rl": ([rl], [])}[mode]
-    pairs = [Pair(rl, ref, 0.8)] if mode == "rast" else []
-    params = SamplingParams(temperature=0, max_new_tokens=40)
-    runs = [_paths(RAST(models[0], pairs, tokenizer=tok, batch_size=4, scheduler=s), PROMPTS, params)
-            for s in ("static", "continuous")]
-    for prompt, (a,), (b,) in zip(PROMPTS, *runs):
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        assert_same_up_to_ties(a, b, np.asarray(combined_logits(models, lams, tok, ids, a)))
+def test_greedy_engine_equals_the_reference_decoder(trio, mode):
+    models, lams, base, pairs = mode_models(trio, mode)
+    check_greedy(RAST(base, pairs, tokenizer=trio[3], batch_size=4, max_len=128), models, lams, trio[3], PROMPTS)
 
 
 def test_requests_with_different_settings_share_decode_calls(trio):
     """Requests of different λ, temperature, top-p, top-k and modes decoded together in one
-    engine equal each decoded alone by the static path with its own settings."""
+    engine each equal the reference decoder with their own settings (tokens and log-probs)."""
     base, rl, ref, tok = trio
-    eng = RAST(base, [Pair(rl, ref, 1.0)], tokenizer=tok, batch_size=4, workers=1)
-    sched = eng.engine_for(128, logprobs=True)
+    eng = RAST(base, [Pair(rl, ref, 1.0)], tokenizer=tok, batch_size=4, workers=1, max_len=128)
     settings = [dict(lam=(0.8,), temperature=0.0), dict(lam=(0.3,), temperature=0.0),
                 dict(mode="base", temperature=0.0), dict(mode="rl", temperature=0.0),
                 dict(lam=(1.2,), temperature=0.7, top_p=0.9, seed=3),
                 dict(lam=(0.0,), temperature=1.0, top_k=5, seed=4), dict(lam=(0.5,), temperature=1.3, seed=5),
                 dict(mode="base", temperature=0.9, top_p=0.5, seed=6)]
-    requests = [Request(tok(p, add_special_tokens=False)["input_ids"],
-                        RequestParams(max_tokens=30, stop_ids=(tok.eos_token_id,), row_id=i, **s), tag=i)
-                for i, (p, s) in enumerate(zip(PROMPTS, settings))]
-    done = {r.tag: r for batch in sched.run(requests) for r in batch}
-    assert sched.stats.calls < 20  # the eight shared decode calls
+    requests = [Request(ids_of(tok, p), RequestParams(max_tokens=30, stop_ids=(tok.eos_token_id,), row_id=i, **s),
+                        tag=i) for i, (p, s) in enumerate(zip(PROMPTS, settings))]
+    from jaxrast.rast.token_rules import Record
+    done = {r.tag: r for batch in eng.scheduler.run(requests, Record(logprobs=True)) for r in batch}
+    assert eng.scheduler.stats.calls < 20  # the eight shared decode calls
     for i, s in enumerate(settings):
-        lam = s.get("lam", (0.0,))[0]
-        model = rl if s.get("mode") == "rl" else base
-        pairs = [Pair(rl, ref, lam)] if s.get("mode") is None else []
-        static = RAST(model, pairs, tokenizer=tok, batch_size=1, scheduler="static")
-        want = static.generate([PROMPTS[i]], SamplingParams(max_new_tokens=30, temperature=s["temperature"],
-                                                            top_p=s.get("top_p", 1.0), top_k=s.get("top_k", 0),
-                                                            seed=s.get("seed", 0)), row_ids=[i])[0][0]
+        mode = s.get("mode", "rast")
+        models, lams, _, _ = mode_models(trio, mode, s.get("lam", (0.0,))[0])
+        want, z = reference_decode(models, lams, ids_of(tok, PROMPTS[i]), vocab=len(tok), max_new_tokens=30,
+                                   stop_ids=(tok.eos_token_id,), temperature=s["temperature"],
+                                   top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0), seed=s.get("seed", 0),
+                                   row_id=i)
         if s["temperature"] == 0:
-            ids = tok(PROMPTS[i], add_special_tokens=False)["input_ids"]
-            ms, ls = ([model, rl, ref], [lam]) if pairs else ([model], [])
-            assert_same_up_to_ties(want.token_ids, done[i].token_ids,
-                                   np.asarray(combined_logits(ms, ls, tok, ids, want.token_ids)))
+            assert_same_up_to_ties(done[i].token_ids, want, z)
         else:
-            assert done[i].token_ids == want.token_ids, (i, s)
-            np.testing.assert_allclose(done[i].logprobs, want.logprobs, atol=2e-4)
+            assert done[i].token_ids == want, (i, s)
+            logp = np.log(law(z, 1.0))[np.arange(len(want)), want]
+            np.testing.assert_allclose(done[i].logprobs, logp, atol=1e-4)  # float32 log-softmax over 49 tokens
 
 
-def test_sampled_rows_agree_with_the_static_path(trio):
+def test_sampled_rows_agree_with_the_reference_decoder(trio):
+    """τ = 1, top-p 0.95: the engine's rows are the reference's float64 draws with the same
+    uniforms (a row may differ only where a uniform falls within float32 rounding of a CDF
+    boundary)."""
     base, rl, ref, tok = trio
-    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=24, n=25, seed=11)
-    runs = [_paths(RAST(base, [Pair(rl, ref, 0.7)], tokenizer=tok, batch_size=16, scheduler=s), PROMPTS, params)
-            for s in ("static", "continuous")]
-    rows = [(a == b) for ra, rb in zip(*runs) for a, b in zip(ra, rb)]
-    assert len(rows) == 200 and sum(rows) / len(rows) >= 0.995, sum(rows)
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=16, n=4, seed=11)
+    out = RAST(base, [Pair(rl, ref, 0.7)], tokenizer=tok, batch_size=8, max_len=128).generate(
+        PROMPTS, params, progress=False)
+    same = [c.token_ids == reference_decode([base, rl, ref], [0.7], ids_of(tok, p), vocab=len(tok),
+                                            max_new_tokens=16, stop_ids=(tok.eos_token_id,), temperature=1.0,
+                                            top_p=0.95, seed=11, row_id=i, sample=c.sample)[0]
+            for i, (p, row) in enumerate(zip(PROMPTS, out)) for c in row]
+    assert len(same) == 32 and sum(same) >= 31, same
 
 
 def test_shuffled_submissions_give_identical_rows(trio):
@@ -117,17 +108,21 @@ def test_shuffled_submissions_give_identical_rows(trio):
     lands in other slots, next to other rows, and comes out the same."""
     base, rl, ref, tok = trio
     prompts = PROMPTS * 3
-    eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=3, workers=1, prefill_batch=2)
-    assert_same_in_two_orders(eng.engine_for(128), len(prompts), lambda i: Request(
-        tok(prompts[i], add_special_tokens=False)["input_ids"],
+    eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=3, workers=1, prefill_batch=2, max_len=128)
+    assert_same_in_two_orders(eng.scheduler, len(prompts), lambda i: Request(
+        ids_of(tok, prompts[i]),
         RequestParams(max_tokens=8 + 3 * (i % 5), temperature=[0.0, 1.0, 0.8][i % 3], top_p=0.9,
                       lam=(0.2 * (i % 4),), stop_ids=(tok.eos_token_id,), seed=1, row_id=i), tag=i))
 
 
 def assert_same_in_two_orders(sched, n, request):
-    """Requests request(0..n-1) submitted in order and shuffled give the same tokens."""
+    """Requests request(0..n-1) submitted in order and shuffled give the same tokens and the
+    same log-prob bits."""
+    from jaxrast.rast.token_rules import Record
+
     def run(order):
-        return {r.tag: r.token_ids for batch in sched.run([request(i) for i in order]) for r in batch}
+        return {r.tag: (r.token_ids, r.logprobs) for batch in sched.run([request(i) for i in order], Record(True))
+                for r in batch}
 
     order = list(range(n))
     first = run(order)
@@ -138,114 +133,125 @@ def assert_same_in_two_orders(sched, n, request):
 LONG = [3, 90, 150, 260, 340, 410, 20, 200]  # prompt lengths: rows cross the cache's 128-key blocks
 
 
-def test_long_caches_greedy_engine_equals_static_path(trio):
-    """Slots of 640 positions, where each slot's attention reads only its own key blocks
-    (`ragged_attention`), next to rows of very different lengths: greedy RAST equals the
-    static path's."""
-    base, rl, ref, tok = trio
-    rng = random.Random(3)
-    prompts = [[rng.randrange(3, len(tok)) for _ in range(n)] for n in LONG]
-    params = SamplingParams(temperature=0, max_new_tokens=110)
-    runs = [_paths(RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4, scheduler=s), prompts, params)
-            for s in ("static", "continuous")]
-    for ids, (a,), (b,) in zip(prompts, *runs):
-        assert_same_up_to_ties(a, b, np.asarray(combined_logits([base, rl, ref], [0.8], tok, ids, a)))
+def long_prompts(tok, seed, lengths=LONG):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, len(tok)) for _ in range(n)] for n in lengths]
 
 
-def test_cpu_kernel_and_xla_attention_decode_the_same_rows(trio):
-    """The engine's two attention paths on one device, the C++ kernel (each row its own
-    keys) and XLA's ragged blocks, give the same greedy RAST rows up to float ties."""
+@pytest.mark.parametrize("kind", ["cpu_kernel", "xla_ragged", "dense"])
+def test_every_attention_backend_decodes_the_reference_rows(trio, kind):
+    """Slots of 640 positions next to rows of very different lengths: each backend (the
+    C++ kernel reading each query's keys, XLA's ragged blocks, the dense reference) gives the
+    reference decoder's greedy RAST rows up to float ties."""
+    if kind == "cpu_kernel" and not cpu_kernel_available():
+        pytest.skip("no C++ compiler: the CPU kernel is not built")
     base, rl, ref, tok = trio
-    rng = random.Random(5)
-    prompts = [[rng.randrange(3, len(tok)) for _ in range(n)] for n in LONG]
-    runs = []
-    for kernel in (True, False):
-        eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4, workers=1)
-        sched = eng.engine_for(640)
-        for group in sched.groups:
-            group.engine.cpu_kernel = kernel and group.engine.cpu_kernel
-        assert group.engine.cpu_kernel == (kernel and cpu_kernel_available())
-        requests = [Request(p, RequestParams(max_tokens=60, temperature=0.0, lam=(0.8,), row_id=i), tag=i)
-                    for i, p in enumerate(prompts)]
-        runs.append({r.tag: r.token_ids for batch in sched.run(requests) for r in batch})
-    for i, ids in enumerate(prompts):
-        a, b = runs[0][i], runs[1][i]
-        assert_same_up_to_ties(a, b, np.asarray(combined_logits([base, rl, ref], [0.8], tok, ids, a)))
+    eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4, max_len=640, attention=AttentionBackend(kind))
+    assert eng.attention == kind
+    check_greedy(eng, [base, rl, ref], [0.8], tok, long_prompts(tok, 3)[:6], max_new=60, stop_ids=())
+
+
+def test_the_backend_is_chosen_once_for_the_platform_and_cache(trio):
+    base, _, _, tok = trio
+    want = "cpu_kernel" if cpu_kernel_available() else "dense"
+    assert RAST(base, tokenizer=tok, batch_size=2, max_len=64).attention == want
+    mesh = make_mesh(fsdp=2, tensor=4)
+    assert RAST(base, tokenizer=tok, batch_size=2, max_len=64, mesh=mesh).attention == f"{want} per device of 8"
+    with pytest.raises(ValueError, match="choose one of"):
+        AttentionBackend("flash")
 
 
 @pytest.mark.parametrize("gamma", [0, 3])
 def test_long_caches_shuffled_submissions_give_identical_rows(trio, gamma):
-    """The shuffled-orders guarantee where attention is ragged (640-position slots, rows
-    of 3 to 410 prompt tokens), plain and speculative."""
+    """The shuffled-orders guarantee in 640-position slots (rows of 3 to 410 prompt tokens),
+    plain and speculative."""
     base, rl, ref, tok = trio
-    rng = random.Random(4)
-    prompts = [[rng.randrange(3, len(tok)) for _ in range(n)] for n in LONG * 2]
-    sched = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=3, workers=1, prefill_batch=2,
-                 speculative=gamma).engine_for(640)
-    assert_same_in_two_orders(sched, len(prompts), lambda i: Request(
+    prompts = long_prompts(tok, 4)
+    eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=3, workers=1, prefill_batch=2, max_len=640,
+               speculative=gamma)
+    assert_same_in_two_orders(eng.scheduler, len(prompts), lambda i: Request(
         prompts[i], RequestParams(max_tokens=30 + 37 * (i % 5), temperature=[0.0, 1.0][i % 2], top_p=0.9,
                                   lam=(0.8,), seed=2, row_id=i), tag=i))
 
 
-def test_mesh_of_8_devices_equals_one_device(ckpt_dir):
-    paths = [ckpt_dir("qwen2", seed=1, init_range=0.1), ckpt_dir("qwen2", seed=2, **SMALL),
-             ckpt_dir("qwen2", seed=3, **SMALL)]
-    outs = []
-    for mesh in (None, make_mesh(fsdp=2, tensor=4)):
-        (base, _, tok), (rl, _, _), (ref, _, _) = (load_model(p, mesh=mesh) for p in paths)
-        eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, mesh=mesh, batch_size=8)
-        outs.append(_paths(eng, PROMPTS, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=30, seed=2)))
+@pytest.fixture(scope="module")
+def mesh_trio(ckpt_dir):
+    mesh = make_mesh(fsdp=2, tensor=4)
+    paths = [ckpt_dir("qwen2", seed=1, vocab=96, init_range=0.1), ckpt_dir("qwen2", seed=2, vocab=96, **SMALL),
+             ckpt_dir("qwen2", seed=3, vocab=96, **SMALL)]
+    (base, _, tok), (rl, _, _), (ref, _, _) = (load_model(p, mesh=mesh) for p in paths)
+    return base, rl, ref, tok, mesh
+
+
+@pytest.mark.parametrize("mode", ["rast", "base", "rl"])
+def test_greedy_engine_on_8_devices_equals_the_reference_decoder(trio, mesh_trio, mode):
+    models, lams, _, _ = mode_models(trio, mode)  # the reference runs the one-device models
+    *_, tok, mesh = mesh_trio
+    _, _, base, pairs = mode_models(mesh_trio[:3] + (tok,), mode)
+    eng = RAST(base, pairs, tokenizer=tok, mesh=mesh, batch_size=8, max_len=128)
+    check_greedy(eng, models, lams, tok, PROMPTS[:6], max_new=24)
+
+
+def test_rows_on_8_devices_do_not_depend_on_their_neighbours(mesh_trio):
+    """On the mesh, each device reads its own rows' keys: a row's tokens and log-prob bits are
+    the same whatever rows of whatever lengths share its call."""
+    base, rl, ref, tok, mesh = mesh_trio
+    prompts = long_prompts(tok, 6, [3, 150, 340, 20, 90, 260, 410, 5, 200, 60])
+    eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, mesh=mesh, batch_size=8, max_len=576)
+    assert_same_in_two_orders(eng.scheduler, len(prompts), lambda i: Request(
+        prompts[i], RequestParams(max_tokens=10 + 29 * (i % 4), temperature=[0.0, 1.0][i % 2], lam=(0.8,), seed=3,
+                                  row_id=i), tag=i))
+
+
+def test_mesh_of_8_devices_samples_the_one_device_rows(trio, mesh_trio):
+    base, rl, ref, tok = trio
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=24, seed=2)
+    outs = [[[c.token_ids for c in r] for r in RAST(b, [Pair(r1, r2, 0.8)], tokenizer=tok, mesh=m, batch_size=8,
+                                                    max_len=128).generate(PROMPTS, params, progress=False)]
+            for b, r1, r2, m in ((base, rl, ref, None), (*mesh_trio[:3], mesh_trio[4]))]
     assert outs[0] == outs[1]
 
 
-def test_toy_family_greedy_engine_equals_static_path():
+def test_toy_family_greedy_engine_equals_the_reference_decoder():
     from jaxrast.toy.demo import load_family
     from jaxrast.toy.task import ChainTask
 
     fam = load_family()
     (s_base, tok), (s_rl, _), (m_base, _) = fam["s_base"], fam["s_rl"], fam["m_base"]
-    prompts = [r["question"] for r in ChainTask().rows(12, seed=5)]
-    params = SamplingParams(temperature=0, max_new_tokens=64)
-    runs = [_paths(RAST(m_base, [Pair(s_rl, s_base, 1.0)], tokenizer=tok, batch_size=8, scheduler=s), prompts, params)
-            for s in ("static", "continuous")]
-    for prompt, (a,), (b,) in zip(prompts, *runs):
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        assert_same_up_to_ties(a, b, np.asarray(combined_logits([m_base, s_rl, s_base], [1.0], tok, ids, a)))
+    prompts = [r["question"] for r in ChainTask().rows(6, seed=5)]
+    eng = RAST(m_base, [Pair(s_rl, s_base, 1.0)], tokenizer=tok, batch_size=8)
+    check_greedy(eng, [m_base, s_rl, s_base], [1.0], tok, prompts, max_new=64)
 
 
-def test_no_compilation_after_warm_up(trio):
-    """After one request per prompt bucket, 200 requests of mixed lengths and settings
-    compile nothing."""
+def test_prompts_of_any_length_compile_nothing_after_the_first_call(trio):
+    """RAST fixes its engine at construction: after the first call, prompts of other lengths
+    (and 60 mixed requests) compile nothing; a prompt beyond max_len is refused, naming it."""
     base, rl, ref, tok = trio
-    eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4)
-    sched = eng.engine_for(128)
-    rng = random.Random(1)
-
-    def requests(n):
-        out = []
-        for i in range(n):
-            ids = [rng.randrange(3, len(tok)) for _ in range(rng.choice([1, 5, 16, 17, 30, 40, 60]))]
-            out.append(Request(ids, RequestParams(max_tokens=rng.randrange(1, 40),
-                                                  temperature=rng.choice([0, 0.7, 1.0]), top_p=rng.choice([1.0, 0.9]),
-                                                  top_k=rng.choice([0, 3]),
-                                                  min_tokens=rng.choice([0, 2]), lam=(rng.uniform(0, 2),),
-                                                  mode=rng.choice(["rast", "base", "rl"]), seed=i, row_id=i,
-                                                  stop_ids=(tok.eos_token_id,))))
-        return out
-
-    warm = [Request([5] * n, RequestParams(max_tokens=4, row_id=n)) for n in (1, 17, 33, 65)]
-    for _ in sched.run(warm):
-        pass
+    eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4, max_len=128)
+    params = SamplingParams(temperature=0.7, max_new_tokens=12, logprobs=False)
+    eng.generate([[5] * 3], params, progress=False)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, _d, **kw: compiles.append(event) if "backend_compile" in event else None)
-    done = sum(len(b) for b in sched.run(requests(200)))
-    assert done == 200 and compiles == []
+    for n in (17, 50, 100):
+        eng.generate([[7] * n, [9] * (n // 2 + 1)], params, progress=False)
+    rng = random.Random(1)
+    requests = [Request([rng.randrange(3, len(tok)) for _ in range(rng.choice([1, 5, 16, 17, 30, 40, 60]))],
+                        RequestParams(max_tokens=rng.randrange(1, 40), temperature=rng.choice([0, 0.7, 1.0]),
+                                      top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([0, 3]),
+                                      min_tokens=rng.choice([0, 2]), lam=(rng.uniform(0, 2),),
+                                      mode=rng.choice(["rast", "base", "rl"]), seed=i, row_id=i,
+                                      stop_ids=(tok.eos_token_id,)))
+                for i in range(60)]
+    assert sum(len(b) for b in eng.scheduler.run(requests)) == 60
+    assert compiles == []
+    with pytest.raises(ValueError, match="max_len = 128"):
+        eng.generate([[5] * 120], params, progress=False)
 
 
 def test_min_tokens_and_continue_text(trio):
     base, rl, ref, tok = trio
-    eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4)
+    eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4, max_len=128)
     free = eng.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=()), progress=False)
     # a stop id that the free greedy paths emit early: each row would end at its first occurrence
     stop = next(t for r in free for t in r[0].token_ids[2:6])
@@ -267,9 +273,8 @@ def test_min_tokens_and_continue_text(trio):
 
 def test_a_request_beyond_the_slot_length_is_refused_before_taking_a_slot(trio):
     base, _, _, tok = trio
-    eng = RAST(base, tokenizer=tok, batch_size=2)
-    sched = eng.engine_for(64)
-    with pytest.raises(ValueError, match="beyond the slot length 64"):
+    sched = RAST(base, tokenizer=tok, batch_size=2, max_len=64).scheduler
+    with pytest.raises(ValueError, match="beyond max_len = 64"):
         list(sched.run([Request([5] * 30, RequestParams(max_tokens=10)),
                         Request([5] * 40, RequestParams(max_tokens=30))]))
     assert not sched.groups[0].slots and not sched.queue

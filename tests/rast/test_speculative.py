@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import jax.scipy.stats
 import numpy as np
 import pytest
-from test_engine import PROMPTS, SMALL, assert_same_up_to_ties, combined_logits
+from reference_decoder import assert_same_up_to_ties, combine, law, next_logits
+from test_engine import PROMPTS, SMALL
 
 from jaxrast.models.hf import load_model
 from jaxrast.rast.combine import combine_logits
 from jaxrast.rast.decoding import RAST, SamplingParams
 from jaxrast.rast.ensemble import Pair
 from jaxrast.rast.requests import Request, RequestParams
-from jaxrast.rast.sampling import filter_top_k, filter_top_p
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,12 @@ def models(ckpt_dir):
     base, _, tok = load_model(ckpt_dir("qwen2", seed=1, vocab=96, init_range=0.1))
     small = [load_model(ckpt_dir("qwen2", seed=s, vocab=96, **SMALL))[0] for s in (2, 3, 4, 5)]
     return base, small, tok
+
+
+def combined_logits(models_, lams, tok, prompt_ids, token_ids):
+    """z before each token of a path, from full forwards (the reference decoder's): [steps, vocab]."""
+    return np.stack([combine([next_logits(m, list(prompt_ids) + list(token_ids[:i])) for m in models_], lams,
+                             len(tok)) for i in range(len(token_ids))])
 
 
 def _paths(eng, params):
@@ -34,11 +40,10 @@ def test_greedy_speculative_equals_plain_rast(models, setup):
     pairs = {"rast": [Pair(rl, ref, 0.8)], "base_with_pair_draft": [Pair(rl, ref, 0.0)],
              "two_pairs": [Pair(rl, ref, 0.6), Pair(rl2, ref2, 0.4)]}[setup]
     params = SamplingParams(temperature=0, max_new_tokens=40)
-    plain = _paths(RAST(base, pairs, tokenizer=tok, batch_size=4), params)
+    plain = _paths(RAST(base, pairs, tokenizer=tok, batch_size=4, max_len=128), params)
     ms = [base, *(m for p in pairs for m in (p.rl, p.ref))]
     # one engine drafting up to 5 tokens; each request takes its own γ (1, 3 or 5) per round
-    spec = RAST(base, pairs, tokenizer=tok, batch_size=4, speculative=5)
-    sched = spec.engine_for(128)
+    sched = RAST(base, pairs, tokenizer=tok, batch_size=4, speculative=5, max_len=128).scheduler
     for gamma in (1, 3, 5):
         requests = [Request(tok(p, add_special_tokens=False)["input_ids"],
                             RequestParams(max_tokens=40, temperature=0.0, stop_ids=(tok.eos_token_id,), gamma=gamma,
@@ -58,7 +63,7 @@ def _target(models_, lams, tok, prefix, temperature, top_p):
     seq = jnp.asarray([prefix])
     logits = [m(seq)[0][:, -1] for m in models_]
     z = combine_logits(logits[0], logits[1::2], logits[2::2], lams, len(tok))
-    return np.asarray(jax.nn.softmax(filter_top_p(filter_top_k(z / temperature, 0), top_p)))[0]
+    return law(np.asarray(z, np.float64)[0], temperature, 0, top_p)
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
@@ -68,7 +73,7 @@ def test_sampled_speculative_follows_the_target_law(models, temperature, top_p):
     enough expected mass."""
     base, (rl, ref, _, _), tok = models
     lam, draws, prompt = 0.9, 6000, "hello world 12+3="
-    eng = RAST(base, [Pair(rl, ref, lam)], tokenizer=tok, batch_size=500, speculative=3)
+    eng = RAST(base, [Pair(rl, ref, lam)], tokenizer=tok, batch_size=500, speculative=3, max_len=64)
     res = eng.generate([prompt], SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=2, n=draws,
                                                 seed=11, stop_token_ids=()), progress=False)
     pairs = [tuple(c.token_ids) for c in res[0]]
@@ -96,8 +101,8 @@ def test_sampled_speculative_follows_the_target_law(models, temperature, top_p):
 def test_rejected_rounds_still_advance_and_rows_stop_inside_a_round(models):
     base, (rl, ref, _, _), tok = models
     # an unrelated draft (λ = 0: the target is the base) is rejected at almost every first token
-    eng = RAST(base, [Pair(rl, ref, 0.0)], tokenizer=tok, batch_size=4, speculative=4, steps_per_call=4)
-    sched = eng.engine_for(128)
+    sched = RAST(base, [Pair(rl, ref, 0.0)], tokenizer=tok, batch_size=4, speculative=4, steps_per_call=4,
+                 max_len=128).scheduler
     free = [Request(tok(p, add_special_tokens=False)["input_ids"], RequestParams(max_tokens=30, temperature=0.0,
                                                                                    row_id=i)) for i, p in
             enumerate(PROMPTS[:4])]
@@ -123,7 +128,7 @@ def test_speculative_needs_a_pair_and_room_for_the_drafts(models):
     base, (rl, ref, _, _), tok = models
     with pytest.raises(ValueError, match="needs a pair"):
         RAST(base, tokenizer=tok, speculative=2)
-    sched = RAST(base, [Pair(rl, ref, 1.0)], tokenizer=tok, batch_size=2, speculative=4).engine_for(64)
+    sched = RAST(base, [Pair(rl, ref, 1.0)], tokenizer=tok, batch_size=2, speculative=4, max_len=64).scheduler
     with pytest.raises(ValueError, match="plus γ = 4 draft positions"):
         sched.check(Request([5] * 30, RequestParams(max_tokens=32)))
 
@@ -144,4 +149,4 @@ def test_toy_family_greedy_speculative_equals_plain():
         z = None if a == b else np.asarray(combined_logits([m_base, s_rl, s_base], [1.0], tok,
                                                             tok(prompt, add_special_tokens=False)["input_ids"], a))
         assert_same_up_to_ties(a, b, z)
-    assert spec._scheduler[1].stats.acceptance > 0.5  # the trained rl model is a good draft for RAST
+    assert spec.scheduler.stats.acceptance > 0.5  # the trained rl model is a good draft for RAST

@@ -6,7 +6,7 @@ import os
 import pytest
 from hf_fixtures import REPO
 
-from jaxrast.rast.job import DecodeConfig
+from jaxrast.commands.decode_job import DecodeConfig
 from jaxrast.runtime.config import load_config
 
 ROOT = os.path.join(REPO, "configs")

@@ -130,6 +130,7 @@ def test_64_concurrent_clients_each_get_their_own_answer_once(server):
     assert get_json(url + "/health")["waiting"] == 0
     metrics = urllib.request.urlopen(url + "/metrics").read().decode()
     assert "jaxrast_time_to_first_token_seconds_count" in metrics and "jaxrast_slot_occupancy" in metrics
+    assert f'jaxrast_attention_info{{backend="{server[1].scheduler.attention}"}} 1.0' in metrics
 
 
 @pytest.mark.parametrize("body, status, param", [

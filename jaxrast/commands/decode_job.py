@@ -9,6 +9,7 @@ would have produced.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import zlib
 from typing import Annotated, Any, Callable, Literal
 
@@ -16,7 +17,7 @@ from pydantic import Field
 
 from jaxrast.data.jsonl import OutputFile, prompt_hash, shared_from_main
 from jaxrast.data.prompts import encode_prompts, get_template, render
-from jaxrast.models.cache import ModelCache, checkpoint_key
+from jaxrast.models.table import ModelTable, checkpoint_key
 from jaxrast.runtime.config import Finite, Fraction, NonNegative, Positive, Texts, config_dataclass
 from jaxrast.runtime.distributed import is_main, on_every_process, process_count
 from jaxrast.runtime.files import check_writable
@@ -45,9 +46,7 @@ class DecodeConfig:
     lam_schedule: str = "constant"
     out: str = "results.jsonl"
     batch_size: Positive = 16
-    cache_segments: Positive = 8  # KV caches grow in ~this many steps (1: one full-length cache, fewer compiles)
     workers: Positive | None = None  # concurrent slot groups (None: 2 on one CPU device, else 1)
-    scheduler: Literal["continuous", "static"] = "continuous"  # the engine, or static batches (benchmarks)
     steps_per_call: Positive = 32  # engine decode steps per device call
     speculative: NonNegative = 0  # γ: the first pair's rl model drafts γ tokens per round (0: off)
     speculative_mode: Literal["on", "adaptive"] = "on"  # adaptive: speculate only while it is faster
@@ -72,7 +71,7 @@ def row_uid(row_id: str) -> int:
     return zlib.crc32(str(row_id).encode()) & 0x7FFFFFFF
 
 
-def load_decode_models(cfg: DecodeConfig, mode: str, load: ModelCache) -> tuple[Any, list, Any]:
+def load_decode_models(cfg: DecodeConfig, mode: str, load: ModelTable) -> tuple[Any, list, Any]:
     """(model decoded, its pairs, tokenizer) for `mode`: the rl model alone, the base alone
     (the small models are never loaded) or the base with every pair."""
     from jaxrast.rast.ensemble import Pair
@@ -216,15 +215,19 @@ def _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, 
     prompt_ids = on_every_process(lambda: encode_checked(cfg, mode, todo, prompts), "checking the prompts")
     # Several processes without a mesh would each decode everything on one device: use them all.
     mesh = parse_mesh(cfg.mesh or ("1,-1,1" if process_count() > 1 else None))
-    load = ModelCache(dtype=cfg.dtype, mesh=mesh, allow_pickle=cfg.allow_pickle)
+    load = ModelTable(dtype=cfg.dtype, mesh=mesh, allow_pickle=cfg.allow_pickle)
     model, pairs, tok = on_every_process(lambda: load_decode_models(cfg, mode, load), "loading the models")
     if tok is None or prompt_ids is None:
         raise ValueError("the checkpoint has no tokenizer files; decoding text needs one.")
+    gamma = cfg.speculative if mode == "rast" else 0
+    # the slots fit this job's longest row (a round may write γ positions past a budget), in 64s
+    max_len = -(-(max(map(len, prompt_ids)) + cfg.max_new_tokens + gamma) // 64) * 64
     engine = result.engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
-                                  batch_size=cfg.batch_size, cache_segments=cfg.cache_segments, workers=cfg.workers,
-                                  scheduler=cfg.scheduler, steps_per_call=cfg.steps_per_call,
-                                  speculative=cfg.speculative if mode == "rast" else 0,
+                                  batch_size=cfg.batch_size, max_len=max_len, workers=cfg.workers,
+                                  steps_per_call=cfg.steps_per_call, speculative=gamma,
                                   speculative_mode=cfg.speculative_mode)
+    print(f"decoding: {engine.batch_size} slots of {max_len} positions, attention backend {engine.attention}",
+          file=sys.stderr, flush=True)
     for batch in engine.generate_iter(prompt_ids, params, row_ids=[row_uid(r["id"]) for r in todo],
                                       progress=progress if output is not None else False):
         records = []
@@ -244,7 +247,7 @@ def _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, 
         if output is not None:
             output.append(records)
         result.summary["written"] += len(records)
-    stats = engine.scheduler_stats()
-    if stats is not None and stats.acceptance is not None:
+    stats = engine.scheduler.stats
+    if stats.acceptance is not None:
         result.summary.update(acceptance=stats.acceptance, accepted_length=stats.accepted_length)
     return result

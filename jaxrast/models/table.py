@@ -18,7 +18,7 @@ def checkpoint_key(path: str) -> str:
     return os.path.realpath(expanded) if os.path.exists(expanded) else path
 
 
-class ModelCache:
+class ModelTable:
     """`cache(path) -> CausalLM`, loading each checkpoint once with one dtype and mesh.
 
     dtype: 'auto' (float32 on CPU, bfloat16 on accelerators) or a dtype name. `tokenizer`
