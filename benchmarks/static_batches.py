@@ -32,7 +32,7 @@ from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.combine import lam_schedule
 from jaxrast.rast.engine import stream_keys
 from jaxrast.rast.ensemble import Ensemble, Pair
-from jaxrast.rast.params import Completion, SamplingParams
+from jaxrast.rast.params import Completion, SamplingParams, by_prompt
 from jaxrast.rast.requests import find_stop_string
 from jaxrast.rast.sampling import draw_probs, row_entropies, sample_rows, softmax_entropy
 
@@ -239,11 +239,7 @@ class StaticBatches:
 
     def generate(self, prompts, params: SamplingParams = SamplingParams(), **kw) -> list[list[Completion]]:
         """All completions, as `result[prompt_index][sample]`."""
-        result: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
-        for batch in self.generate_iter(prompts, params, **kw):
-            for c in batch:
-                result[c.index][c.sample] = c
-        return result  # type: ignore[return-value]
+        return by_prompt(self.generate_iter(prompts, params, **kw), len(prompts), params.n)
 
     def _run_batch(self, states, chunk, *, encoded, row_ids, params, stop_ids, pad_id) -> list[Completion]:
         real = len(chunk)
@@ -284,7 +280,7 @@ class StaticBatches:
             if done.all() or step >= params.max_new_tokens:
                 break
             limit, cache_len = run_to(step)
-            if state.caches[0].max_len < cache_len:  # a new segment: its slots join the caches
+            if state.caches[0].max_len < cache_len:  # a new segment: its positions join the caches
                 leaves, treedef = jax.tree.flatten(state.caches)
                 axes = jax.tree.leaves(tuple(c.time_axes() for c in state.caches))
                 state = state.replace(caches=())  # `leaves` now holds the only references

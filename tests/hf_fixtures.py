@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from jaxrast.toy.tokenizer import char_tokenizer
@@ -60,3 +61,40 @@ def make_checkpoint(directory: str, kind: str = "qwen2", seed: int = 0, **kw) ->
     assert len(tok) <= cfg.vocab_size
     tok.save_pretrained(directory)
     return directory
+
+
+# ---- compiled programs shared between runs (test speed only) ---------------------------------
+
+def cache_env(directory) -> dict[str, str]:
+    """Environment variables that make a `jaxrast` subprocess keep every program it compiles
+    in `directory` and load those it finds there (JAX's persistent compilation cache): the
+    second and later runs of the same command skip XLA compilation. Loaded executables are
+    the ones a fresh compile gives, so results do not change."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(directory), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+@contextlib.contextmanager
+def compilation_cache(directory):
+    """The same cache in this process, for the duration of the block only (left alone when
+    the session already uses one). Jitted functions are cached per Python object, so without
+    it every new trainer or engine compiles programs identical to the previous one's."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    if jax.config.jax_compilation_cache_dir is not None:
+        yield
+        return
+    saved = {k: getattr(jax.config, k) for k in ("jax_persistent_cache_min_compile_time_secs",
+                                                 "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    cc.set_cache_dir(str(directory))
+    cc.reset_cache()  # the cache object is created on first use: make it see the directory
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        cc.reset_cache()
+        for k, v in saved.items():
+            jax.config.update(k, v)

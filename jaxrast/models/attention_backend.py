@@ -27,9 +27,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxrast.models.attention import RAGGED_FROM, dense_attention, ragged_attention
 from jaxrast.models.cpu_attention import available as cpu_kernel_available
 from jaxrast.models.cpu_attention import decode_attention
-from jaxrast.models.attention import RAGGED_FROM, dense_attention, ragged_attention
 from jaxrast.models.partitioning import fit_spec
 from jaxrast.runtime.mesh import BATCH
 

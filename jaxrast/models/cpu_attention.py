@@ -4,16 +4,15 @@ called through `jax.ffi`, in which each query reads exactly the keys it may see.
 Why: with XLA's ops an engine slot either reads its whole cache (the toy family's slots
 hold 256 positions while most live rows hold ~100) or gathers its own blocks first, and on
 XLA:CPU the gathers cost about what the reads do. The kernel costs a row its own length, in
-one call per layer: long-tail benchmark, engine and static path alternating in one process,
-toy family 19,237 against 14,241 tok/s with XLA's whole-slot product (medians of five
-rounds), random 10M/1M models 1,286 against 1,071 (three rounds; the ragged XLA kernel).
+one call per layer (~1.35x the toy family's long-tail engine throughput; the measurements
+are in docs/performance.md).
 
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++` or
 `g++`; ~3 s) against the FFI headers jaxlib ships, for this CPU (`-march=native`), and kept
 in `$JAXRAST_CACHE_DIR` (default `~/.cache/jaxrast`) under a name that hashes the source, the
 compiler, its target flags and the jaxlib version. Without a compiler, or with
-`JAXRAST_CPU_KERNEL=0`, `available()` is False and the engine uses XLA's attention (the same
-results up to float rounding). A row's result depends on its own keys only, in a fixed
+`JAXRAST_CPU_KERNEL=0`, `available()` is False and `models.attention_backend.choose` picks
+XLA's attention (the same results up to float rounding). A row's result depends on its own keys only, in a fixed
 order: never on its neighbours or its slot.
 """
 

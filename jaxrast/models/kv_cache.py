@@ -46,8 +46,8 @@ class KVCache:
         return self.mask.shape[1]
 
     def time_axes(self) -> "KVCache":
-        """The same structure holding each array's slot axis (-1: none), for code that
-        resizes caches array by array (decoding grows them as it goes)."""
+        """The same structure holding each array's position axis (-1: none), for code that
+        resizes caches array by array (the benchmarks' static baseline grows them)."""
         return KVCache(k=(3,) * len(self.k), v=(2,) * len(self.v), mask=1, index=-1)
 
 

@@ -26,7 +26,7 @@ from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.combine import lam_schedule as make_lam_schedule
 from jaxrast.rast.engine import Engine, EngineSpec
 from jaxrast.rast.ensemble import Ensemble, Pair
-from jaxrast.rast.params import Completion, SamplingParams
+from jaxrast.rast.params import Completion, SamplingParams, by_prompt
 from jaxrast.rast.requests import Request, RequestParams, default_stop_ids
 from jaxrast.rast.scheduler import Scheduler, default_workers
 from jaxrast.rast.token_rules import Record
@@ -104,7 +104,8 @@ class RAST:
                           gamma=speculative)
         self.ensemble, self.scheduler = make_scheduler(
             base, pairs, tokenizer=tokenizer, mesh=mesh, lam_schedule=self.lam_schedule, vocab_size=vocab_size,
-            spec=spec, workers=self.workers, speculative_mode=speculative_mode, attention=attention)
+            spec=spec, workers=self.workers, speculative_mode=speculative_mode, attention=attention,
+            record=Record(logprobs=SamplingParams.logprobs))  # the default call's record
         self.models, self.vocab = self.ensemble.models, self.ensemble.vocab
         self.spec, self.speculative = spec, speculative
 
@@ -170,8 +171,4 @@ class RAST:
 
     def generate(self, prompts, params: SamplingParams = SamplingParams(), **kw) -> list[list[Completion]]:
         """All completions, as `result[prompt_index][sample]`."""
-        result: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
-        for batch in self.generate_iter(prompts, params, **kw):
-            for c in batch:
-                result[c.index][c.sample] = c
-        return result  # type: ignore[return-value]
+        return by_prompt(self.generate_iter(prompts, params, **kw), len(prompts), params.n)

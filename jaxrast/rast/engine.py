@@ -34,8 +34,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrast.models.attention_backend import AttentionBackend, choose
 from jaxrast.models.attention import cache_length
+from jaxrast.models.attention_backend import AttentionBackend, choose
 from jaxrast.models.kv_cache import KVCache
 from jaxrast.models.partitioning import cache_sharding
 from jaxrast.models.transformer import CausalLM

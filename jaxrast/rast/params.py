@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Iterable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,3 +55,12 @@ class Completion:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def by_prompt(batches: Iterable[list[Completion]], prompts: int, n: int) -> list[list[Completion]]:
+    """Completions yielded in any order, as `result[prompt_index][sample]`."""
+    result: list[list[Completion | None]] = [[None] * n for _ in range(prompts)]
+    for batch in batches:
+        for c in batch:
+            result[c.index][c.sample] = c
+    return result  # type: ignore[return-value]

@@ -70,7 +70,7 @@ class Scheduler:
                   else lambda ids: "")
         self.stats = Stats()
         lam = np.asarray(default_lam, np.float32)
-        self.groups = [SlotGroup(e, decode, lam, self.stats, speculation) for e in engines]
+        self.groups = [SlotGroup(e, decode, lam, self.stats, speculation, record) for e in engines]
         self.queue: collections.deque[Request] = collections.deque()
         self.lock = threading.Condition()
         self._threads: list[threading.Thread] = []

@@ -93,15 +93,16 @@ class SlotGroup:
     hands back the requests that finished."""
 
     def __init__(self, engine: Engine, decode_text: Callable[[list[int]], str], default_lam: np.ndarray,
-                 stats: Stats, speculation: str = "off"):
+                 stats: Stats, speculation: str = "off", record: Record = Record()):
         self.engine, self.decode_text, self.default_lam, self.stats = engine, decode_text, default_lam, stats
         self.speculation = Speculation(speculation if engine.spec.gamma else "off")
         self.last_speculative = False
         self.spec = engine.spec
         self.state = engine.init_state()
-        if self.speculation.mode == "adaptive":  # both programs compiled now, not inside a timed call
+        if self.speculation.mode == "adaptive":  # both programs (usual `record`) compiled now, not in a timed call
             for kind in (False, True):
-                self.state, _ = engine.decode(self.state, np.ones(self.spec.max_slots, bool), 1, speculative=kind)
+                self.state, _ = engine.decode(self.state, np.ones(self.spec.max_slots, bool), 1, speculative=kind,
+                                              record=record)
         self.slots: dict[int, Request] = {}
         self.release = np.zeros(self.spec.max_slots, bool)
         self.record = Record()  # what the last decode call recorded

@@ -11,8 +11,9 @@ import time
 
 import pytest
 from grpo_toy import toy_policy, toy_rows
-from hf_fixtures import REPO
+from hf_fixtures import REPO, cache_env
 
+from jaxrast.cli import main
 from jaxrast.grpo.log import TIMING_KEYS, read_metrics
 from jaxrast.models.hf import save_hf
 
@@ -22,7 +23,10 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(config path, env): a toy HF checkpoint, JSONL data and a config with β>0, μ=2, warm-up."""
+    """(config path, env): a toy HF checkpoint, JSONL data and a config with β>0, μ=2, warm-up.
+
+    The trainer subprocesses share a persistent compilation cache: the first compiles, the
+    others load the same executables (compiling them again dominated this module's time)."""
     root = tmp_path_factory.mktemp("resume")
     model, tok = toy_policy(seed=1)
     save_hf(model, tok, str(root / "toy_hf"))
@@ -42,7 +46,8 @@ save_every: 1
 keep_checkpoints: 2
 progress: false
 """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+               **cache_env(root / "jax_cache"))
     return str(config), env, root
 
 
@@ -111,11 +116,10 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_cli_errors_name_the_problem(setup, tmp_path):
-    config, env, _ = setup
-    base = [sys.executable, "-m", "jaxrast.cli"]
-    bad = subprocess.run(base + ["train", "--config", config, "--set", "loss.aggregation=mean"],
-                         env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "loss.aggregation must be one of" in bad.stderr
-    missing = subprocess.run(base + ["plot-train", str(tmp_path / "nowhere")], env=env, capture_output=True, text=True)
-    assert missing.returncode == 2 and "no metrics file" in missing.stderr
+def test_cli_errors_name_the_problem(setup, tmp_path, capsys):
+    """The CLI entry point in this process (the subprocess above already runs `python -m jaxrast.cli`)."""
+    config, _, _ = setup
+    assert main(["train", "--config", config, "--set", "loss.aggregation=mean"]) == 2
+    assert "loss.aggregation must be one of" in capsys.readouterr().err
+    assert main(["plot-train", str(tmp_path / "nowhere")]) == 2
+    assert "no metrics file" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.scipy.stats
 import numpy as np
 import pytest
+from hf_fixtures import SMALL
 from reference_decoder import assert_same_up_to_ties, law, reference_decode
 
 from jaxrast.models.hf import load_model
@@ -16,7 +17,7 @@ from jaxrast.rast.decoding import RAST, Pair, SamplingParams
 from jaxrast.toy.tokenizer import char_tokenizer
 
 PROMPTS = ["abc de", "hello world 12+3=", "x", "qq rr ss tt uu vv ww xx yy zz 1 2 3 4 5 6 7 8 9"]
-SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, inter=64)
+
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import random
 import jax
 import numpy as np
 import pytest
+from hf_fixtures import SMALL
 from reference_decoder import assert_same_up_to_ties, law, reference_decode
 
 from jaxrast.models.attention_backend import AttentionBackend
@@ -19,18 +20,8 @@ from jaxrast.rast.ensemble import Pair
 from jaxrast.rast.requests import Request, RequestParams
 from jaxrast.runtime.mesh import make_mesh
 
-SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, inter=64)
 PROMPTS = ["abc de", "hello world 12+3=", "x", "qq rr ss tt uu vv ww xx yy zz 1 2 3 4 5 6 7 8 9",
            "a" * 40, "9+9=", "z y x w", "the cat sat on the mat 7*7="]
-@pytest.fixture(scope="module")
-def trio(ckpt_dir):
-    """(base, rl, ref, tokenizer) with a padded vocabulary (96 rows, 49 tokens)."""
-    base, _, tok = load_model(ckpt_dir("qwen2", seed=1, vocab=96, init_range=0.1))
-    rl, _, _ = load_model(ckpt_dir("qwen2", seed=2, vocab=96, **SMALL))
-    ref, _, _ = load_model(ckpt_dir("qwen2", seed=3, vocab=96, **SMALL))
-    return base, rl, ref, tok
-
-
 def mode_models(trio, mode, lam=0.8):
     """(models for the reference, λs, the RAST's base and pairs) of a decoding mode."""
     base, rl, ref, _ = trio

@@ -5,20 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_fixtures import SMALL
 from reference_decoder import law, reference_decode
 
-from jaxrast.models.hf import load_model
 from jaxrast.rast.combine import combine_logits
-
-
-@pytest.fixture(scope="module")
-def trio(ckpt_dir):
-    """(base, rl, ref, tokenizer): a padded vocabulary (96 rows, fewer tokens)."""
-    base, _, tok = load_model(ckpt_dir("qwen2", seed=1, vocab=96, init_range=0.1))
-    rl, _, _ = load_model(ckpt_dir("qwen2", seed=2, vocab=96, **SMALL))
-    ref, _, _ = load_model(ckpt_dir("qwen2", seed=3, vocab=96, **SMALL))
-    return base, rl, ref, tok
 
 
 def forced_z(models, lams, prompt, out, vocab):

@@ -1,0 +1,15 @@
+"""The decoding tests' shared models."""
+
+import pytest
+from hf_fixtures import SMALL
+
+from jaxrast.models.hf import load_model
+
+
+@pytest.fixture(scope="module")
+def trio(ckpt_dir):
+    """(base, rl, ref, tokenizer) with a padded vocabulary (96 rows, 49 tokens)."""
+    base, _, tok = load_model(ckpt_dir("qwen2", seed=1, vocab=96, init_range=0.1))
+    rl, _, _ = load_model(ckpt_dir("qwen2", seed=2, vocab=96, **SMALL))
+    ref, _, _ = load_model(ckpt_dir("qwen2", seed=3, vocab=96, **SMALL))
+    return base, rl, ref, tok
