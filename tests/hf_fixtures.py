@@ -64,21 +64,27 @@ def make_checkpoint(directory: str, kind: str = "qwen2", seed: int = 0, **kw) ->
 
 
 # ---- compiled programs shared between runs (test speed only) ---------------------------------
+# Jitted functions are cached per Python object: every new engine or trainer compiles programs
+# identical to the previous one's, and every `jaxrast` subprocess compiles them all again.
+# JAX's persistent compilation cache keeps each compiled program on disk and loads it on the
+# next identical compile; a loaded executable is the one a fresh compile gives, so results do
+# not change. The folders that decode or train use one directory for the whole session.
+
+def jax_cache_dir(tmp_path_factory) -> str:
+    """The session's compilation cache directory (the same for every module that asks)."""
+    return str(tmp_path_factory.getbasetemp() / "jax_cache")
+
 
 def cache_env(directory) -> dict[str, str]:
-    """Environment variables that make a `jaxrast` subprocess keep every program it compiles
-    in `directory` and load those it finds there (JAX's persistent compilation cache): the
-    second and later runs of the same command skip XLA compilation. Loaded executables are
-    the ones a fresh compile gives, so results do not change."""
+    """Environment variables that make a `jaxrast` subprocess use the cache in `directory`."""
     return {"JAX_COMPILATION_CACHE_DIR": str(directory), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
 @contextlib.contextmanager
 def compilation_cache(directory):
-    """The same cache in this process, for the duration of the block only (left alone when
-    the session already uses one). Jitted functions are cached per Python object, so without
-    it every new trainer or engine compiles programs identical to the previous one's."""
+    """The cache in this process for the duration of the block only (left alone when the
+    session already uses one): a module's autouse fixture, so nothing outside it is affected."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 

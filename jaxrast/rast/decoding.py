@@ -24,7 +24,7 @@ from jaxrast.models.attention_backend import AttentionBackend
 from jaxrast.models.hf import check_tokenizers_compatible
 from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.combine import lam_schedule as make_lam_schedule
-from jaxrast.rast.engine import Engine, EngineSpec
+from jaxrast.rast.engine import Engine, EngineSpec, default_prefill_chunk
 from jaxrast.rast.ensemble import Ensemble, Pair
 from jaxrast.rast.params import Completion, SamplingParams, by_prompt
 from jaxrast.rast.requests import Request, RequestParams, default_stop_ids
@@ -64,7 +64,8 @@ class RAST:
     at most 2048). `workers`: the slots are split into this many groups decoded concurrently
     from threads (default: 2 on one multi-core CPU device, whose decode steps leave cores
     idle, else 1). `steps_per_call`: decode steps per device call; `prefill_batch`: prompts
-    per admit call; `prefill_chunk`: prompt tokens per prefill forward. `speculative`: γ
+    per admit call; `prefill_chunk`: prompt tokens per prefill forward (default 32 on CPU,
+    256 on accelerators). `speculative`: γ
     drafts per round from the first pair's rl model (0: off). `attention`: the attention
     backend (default: chosen for the platform and cache; `RAST.attention` names it).
     """
@@ -73,7 +74,7 @@ class RAST:
                  mesh: Mesh | None = None, lam_schedule: str | Callable | None = None,
                  batch_size: int = 16, max_len: int | None = None, vocab_size: int | None = None,
                  workers: int | None = None, steps_per_call: int = 32, prefill_batch: int | None = None,
-                 prefill_chunk: int = 32, speculative: int = 0, speculative_mode: str = "on",
+                 prefill_chunk: int | None = None, speculative: int = 0, speculative_mode: str = "on",
                  attention: AttentionBackend | None = None):
         self.pairs = pairs = [p if isinstance(p, Pair) else Pair(*p) for p in pairs]
         self.tokenizer = tokenizer
@@ -100,7 +101,8 @@ class RAST:
                           "degraded text past that position.", stacklevel=2)
         program_batch = batch_size // self.workers
         spec = EngineSpec(max_slots=program_batch, max_len=max_len, steps=steps_per_call,
-                          prefill_batch=prefill_batch or min(32, program_batch), prefill_chunk=prefill_chunk,
+                          prefill_batch=prefill_batch or min(32, program_batch),
+                          prefill_chunk=prefill_chunk or default_prefill_chunk(),
                           gamma=speculative)
         self.ensemble, self.scheduler = make_scheduler(
             base, pairs, tokenizer=tokenizer, mesh=mesh, lam_schedule=self.lam_schedule, vocab_size=vocab_size,

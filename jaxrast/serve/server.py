@@ -15,7 +15,7 @@ from jaxrast.serve.config import ServeConfig
 def build_service(cfg: ServeConfig):
     """(service, app) for `cfg`: models loaded, programs warmed up."""
     from jaxrast.models.table import ModelTable
-    from jaxrast.rast.engine import EngineSpec
+    from jaxrast.rast.engine import EngineSpec, default_prefill_chunk
     from jaxrast.rast.ensemble import Pair
     from jaxrast.runtime.distributed import on_every_process, process_count
     from jaxrast.runtime.mesh import parse_mesh
@@ -39,7 +39,8 @@ def build_service(cfg: ServeConfig):
     context = min(m.cfg.max_position_embeddings for m in [base, *(m for p in pairs for m in (p.rl, p.ref))])
     max_len = cfg.max_len or min(context, 4096)
     spec = EngineSpec(max_slots=cfg.max_slots, max_len=max_len, steps=cfg.steps_per_call,
-                      prefill_batch=min(8, cfg.max_slots), gamma=cfg.speculative)
+                      prefill_batch=min(8, cfg.max_slots), prefill_chunk=default_prefill_chunk(),
+                      gamma=cfg.speculative)
     service = Service(base, pairs, spec=spec, tokenizer=load.tokenizer, mesh=mesh,
                       speculative_mode=cfg.speculative_mode, max_waiting=cfg.max_waiting,
                       model_name=cfg.served_model_name, chat_template=template, top_logprobs=cfg.top_logprobs)

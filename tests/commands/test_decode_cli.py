@@ -1,12 +1,14 @@
 """`jaxrast decode`: JSONL output, resume after SIGKILL, configs, modes and errors."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from hf_fixtures import cache_env, jax_cache_dir
 
 from jaxrast.cli import build_parser, main
 from jaxrast.commands.decode import config_from_args
@@ -35,7 +37,7 @@ def read_rows(path):
     return [json.loads(line) for line in open(path)]
 
 
-def test_kill_mid_run_and_rerun_yields_each_row_once(paths, tmp_path):
+def test_kill_mid_run_and_rerun_yields_each_row_once(paths, tmp_path, tmp_path_factory):
     reference = tmp_path / "uninterrupted.jsonl"
     assert main(decode_args(paths, reference)) == 0
     want = {(r["id"], r["sample"]): r["completion"] for r in read_rows(reference)}
@@ -43,7 +45,8 @@ def test_kill_mid_run_and_rerun_yields_each_row_once(paths, tmp_path):
 
     out = tmp_path / "killed.jsonl"
     cmd = [sys.executable, "-m", "jaxrast.cli", *decode_args(paths, out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, **cache_env(jax_cache_dir(tmp_path_factory)))  # the programs compiled above
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 6):
         time.sleep(0.05)

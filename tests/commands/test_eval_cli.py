@@ -149,15 +149,28 @@ def test_plot_writes_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
-def test_eval_5000_predictions_under_two_minutes(tmp_path):
-    """Grading speed: 500 MATH500 problems x 10 samples of ~3 KB with mostly distinct answers."""
+def test_eval_grades_long_synthetic_predictions_in_the_worker_pool(tmp_path):
+    """The speed benchmark's input (benchmarks/eval_speed.py: MATH500 x samples of ~3 KB with
+    mostly distinct answers), one sample per problem, through the default worker pool: every
+    completion that ends in its gold box is correct, every "the answer is gold + k" is not.
+    Its speed is measured by the benchmark; the bound here (10x the benchmark's 5,000 in two
+    minutes, per prediction) only catches a grader that hangs or times out on every item."""
     spec = importlib.util.spec_from_file_location("eval_speed", ROOT / "benchmarks" / "eval_speed.py")
     eval_speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_speed)
-    path = write_jsonl(tmp_path / "big.jsonl", eval_speed.synthetic_predictions(samples=10, chars=3000))
+    rows = eval_speed.synthetic_predictions(samples=1, chars=3000)
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
     start = time.monotonic()
     assert run_cli("--pred", path, "--json", tmp_path / "big.json") == 0
     elapsed = time.monotonic() - start
-    print(f"5000 predictions graded in {elapsed:.1f}s")
-    assert elapsed < 120
+    print(f"{len(rows)} predictions graded in {elapsed:.1f}s")
+    assert elapsed < 10 * 120 * len(rows) / 5000
+    report = json.loads((tmp_path / "big.json").read_text())
+    gold = {r["id"]: r["answer"] for r in load_benchmark("math500")}
+    verdicts = report["verdicts"]
+    assert len(verdicts) == len(rows) == 500 and [v["line"] for v in verdicts] == list(range(1, 501))
+    boxed = [v["correct"] for r, v in zip(rows, verdicts) if r["completion"].endswith(f"\\boxed{{{gold[r['id']]}}}")]
+    stated = [v["correct"] for r, v in zip(rows, verdicts) if r["completion"].endswith("$.")]
+    assert len(boxed) > 150 and all(boxed)
+    assert len(stated) > 50 and not any(stated)
+    assert report["benchmarks"]["math500"]["num_predictions"] == 500

@@ -1,4 +1,4 @@
-"""`jaxrast train` as a subprocess: SIGKILL mid-run and --resume replays an uninterrupted run;
+"""`jaxrast train`: SIGKILL mid-run and --resume replays an uninterrupted run;
 SIGTERM finishes the step and checkpoints; `jaxrast plot-train` draws the curves."""
 
 import json
@@ -11,7 +11,7 @@ import time
 
 import pytest
 from grpo_toy import toy_policy, toy_rows
-from hf_fixtures import REPO, cache_env
+from hf_fixtures import REPO, cache_env, jax_cache_dir
 
 from jaxrast.cli import main
 from jaxrast.grpo.log import TIMING_KEYS, read_metrics
@@ -25,8 +25,8 @@ STEPS = 8
 def setup(tmp_path_factory):
     """(config path, env): a toy HF checkpoint, JSONL data and a config with β>0, μ=2, warm-up.
 
-    The trainer subprocesses share a persistent compilation cache: the first compiles, the
-    others load the same executables (compiling them again dominated this module's time)."""
+    The trainer subprocesses use this process's compilation cache (conftest.py): they load
+    the programs the first run compiled instead of compiling them again."""
     root = tmp_path_factory.mktemp("resume")
     model, tok = toy_policy(seed=1)
     save_hf(model, tok, str(root / "toy_hf"))
@@ -47,7 +47,7 @@ keep_checkpoints: 2
 progress: false
 """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-               **cache_env(root / "jax_cache"))
+               **cache_env(jax_cache_dir(tmp_path_factory)))
     return str(config), env, root
 
 
@@ -55,6 +55,16 @@ def launch(setup, out, *extra):
     config, env, _ = setup
     cmd = [sys.executable, "-m", "jaxrast.cli", "train", "--config", config, "--set", f"output_dir={out}", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_here(setup, capsys, out, *extra) -> str:
+    """`jaxrast train` in this process; returns stdout."""
+    config, _, _ = setup
+    capsys.readouterr()
+    code = main(["train", "--config", config, "--set", f"output_dir={out}", *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return captured.out
 
 
 def signal_after(proc, metrics: str, lines: int, sig) -> None:
@@ -76,9 +86,12 @@ def comparable(rows):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path, capsys):
+    """The runs that get a signal are `python -m jaxrast.cli` subprocesses; the uninterrupted
+    reference, the last resume and plot-train run in this process (another process than the
+    killed one's, as before, without paying the start-up of three more)."""
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    finish(launch(setup, ref_dir))
+    run_here(setup, capsys, ref_dir)
     reference = read_metrics(ref_dir / "metrics.jsonl")
     assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
 
@@ -97,7 +110,7 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
     steps_saved = sorted(int(p) for p in os.listdir(run_dir / "checkpoints") if p.isdigit())
     assert steps_saved[-1] == stopped_at  # the exit checkpoint
 
-    out = finish(launch(setup, run_dir, "--resume"))
+    out = run_here(setup, capsys, run_dir, "--resume")
     assert f"resumed from step {stopped_at}" in out
     resumed = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no duplicates after truncation
@@ -109,10 +122,7 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
     assert (run_dir / "hf" / "model.safetensors").exists()
 
     png = tmp_path / "curves.png"
-    env = setup[1]
-    done = subprocess.run([sys.executable, "-m", "jaxrast.cli", "plot-train", str(ref_dir), str(run_dir),
-                           "--out", str(png)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert main(["plot-train", str(ref_dir), str(run_dir), "--out", str(png)]) == 0, capsys.readouterr().err
     assert png.stat().st_size > 10_000
 
 

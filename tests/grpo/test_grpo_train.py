@@ -2,12 +2,14 @@
 checkpoint fallback, config errors."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 from grpo_toy import MAX_NEW, a_reward, toy_policy, toy_rows
+from hf_fixtures import SMALL
 
 from jaxrast.grpo.config import DataSpec, GRPOConfig, LossSpec, MeshSpec, OptimSpec, RolloutSpec
 from jaxrast.grpo.log import TIMING_KEYS, read_metrics
@@ -35,10 +37,12 @@ def same_metrics(a: dict, b: dict, tol: float, rel: float = 0.0) -> None:
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """30 steps of the toy task: (history, trained policy, tokenizer, output dir)."""
+    """30 steps of the toy task, checkpointed every 10: (history, trained policy, tokenizer,
+    output dir). The checkpoint tests work on copies of its output dir."""
     out = tmp_path_factory.mktemp("learn")
     policy, tok = toy_policy(seed=0)
-    history = train(toy_config(out), policy=policy, tokenizer=tok, rows=toy_rows(), reward_fns=[a_reward])
+    history = train(toy_config(out, save_every=10), policy=policy, tokenizer=tok, rows=toy_rows(),
+                    reward_fns=[a_reward])
     return history, policy, tok, out
 
 
@@ -78,15 +82,17 @@ def test_exported_checkpoint_matches_policy_in_transformers(learned):
 @pytest.mark.slow
 def test_first_step_is_mesh_and_micro_batch_invariant(ckpt_dir, tmp_path):
     """The first step's metrics (loss, KL with β>0, μ=2 with recomputed old log-probs) on one
-    device equal those on 4-device meshes, and with smaller micro-batches (accumulation)."""
-    path = ckpt_dir("qwen2")
+    device equal those on 4-device meshes, and with smaller micro-batches (accumulation).
+    Each case compiles its own programs, so the data-axis mesh also runs the small
+    micro-batches: a difference from either shows there."""
+    path = ckpt_dir("qwen2", **SMALL)
     cases = {"1 device": (MeshSpec(1, 1, 1), 16), "fsdp=4": (MeshSpec(1, 4, 1), 16),
-             "data=2,fsdp=2": (MeshSpec(2, 2, 1), 16), "1 device, micro=4": (MeshSpec(1, 1, 1), 4)}
+             "data=2,fsdp=2, micro=4": (MeshSpec(2, 2, 1), 4)}
     results = {}
     for name, (spec, micro) in cases.items():
         mesh = make_mesh(spec.data, spec.fsdp, spec.tensor, devices=jax.devices()[:spec.data * spec.fsdp])
         policy, _, tok = load_model(path, mesh=mesh)
-        cfg = toy_config(tmp_path / name.replace(" ", "_"), steps=1, export_hf=False,
+        cfg = toy_config(tmp_path / name.replace(" ", "_").replace(",", "_"), steps=1, export_hf=False,
                          loss=LossSpec(micro_batch_size=micro, beta=0.05, iterations=2))
         results[name] = train(cfg, policy=policy, tokenizer=tok, rows=toy_rows(), reward_fns=[a_reward],
                               mesh=mesh)[0]
@@ -122,52 +128,53 @@ def test_skipping_zero_advantage_rows_changes_nothing(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-def test_corrupt_newest_checkpoint_falls_back(tmp_path):
-    rows = toy_rows()
-    cfg = toy_config(tmp_path, steps=3, save_every=1, export_hf=False, loss=LossSpec(micro_batch_size=64))
-    policy, tok = toy_policy()
-    full = train(cfg, policy=policy, tokenizer=tok, rows=rows, reward_fns=[a_reward])
-    # flip one byte of the largest array file of step 3: Orbax alone would restore it silently
-    step_dir = tmp_path / "checkpoints" / "3" / "state"
+def copy_run(learned, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(learned[3], out, ignore=shutil.ignore_patterns("hf"))
+    return out
+
+
+def test_corrupt_newest_checkpoint_falls_back(learned, tmp_path):
+    out, full = copy_run(learned, tmp_path), learned[0]
+    # flip one byte of the largest array file of step 30: Orbax alone would restore it silently
+    step_dir = out / "checkpoints" / "30" / "state"
     target = max((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"), key=os.path.getsize)
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
 
     policy, tok = toy_policy()
-    trainer = GRPOTrainer(cfg, policy=policy, tokenizer=tok, rows=rows, rewards=as_rewards([a_reward]))
-    with pytest.warns(UserWarning, match="step 3 .* corrupt"):
-        assert trainer.restore() == 2
-    assert trainer.ckpt.steps() == [1, 2]
-    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints.corrupt").iterdir()] == ["3"]  # kept aside
-    replay = trainer.run()  # step 3 again, identical to the first run
+    trainer = GRPOTrainer(toy_config(out, save_every=10), policy=policy, tokenizer=tok, rows=toy_rows(),
+                          rewards=as_rewards([a_reward]))
+    with pytest.warns(UserWarning, match="step 30 .* corrupt"):
+        assert trainer.restore() == 20
+    assert trainer.ckpt.steps() == [10, 20]
+    assert [p.name.split("-")[0] for p in (out / "checkpoints.corrupt").iterdir()] == ["30"]  # kept aside
+    replay = trainer.run()  # steps 21..30 again, identical to the first run
     trainer.close()
-    assert [m["step"] for m in replay] == [3]
-    same_metrics(replay[0], full[2], 1e-6)
-    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert [m["step"] for m in replay] == list(range(21, 31))
+    for again, first in zip(replay, full[20:]):
+        same_metrics(again, first, 1e-6)
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == list(range(1, 31))
 
 
-def test_resume_with_a_changed_optimiser_is_refused_and_deletes_nothing(tmp_path):
+def test_resume_with_a_changed_optimiser_is_refused_and_deletes_nothing(learned, tmp_path):
     """Without clipping the optimiser state has other arrays: that is a config error, not
     corruption, so every checkpoint and the metrics stay as they were."""
-    rows = toy_rows()
-    cfg = toy_config(tmp_path, steps=2, save_every=1, export_hf=False, loss=LossSpec(micro_batch_size=64))
-    policy, tok = toy_policy()
-    train(cfg, policy=policy, tokenizer=tok, rows=rows, reward_fns=[a_reward])
-    metrics = (tmp_path / "metrics.jsonl").read_text()
-    changed = toy_config(tmp_path, steps=3, save_every=1, export_hf=False, loss=LossSpec(micro_batch_size=64),
-                         optim=OptimSpec(lr=1e-2, max_grad_norm=0.0))
+    out = copy_run(learned, tmp_path)
+    metrics = (out / "metrics.jsonl").read_text()
+    changed = toy_config(out, steps=40, save_every=10, optim=OptimSpec(lr=1e-2, max_grad_norm=0.0))
     policy, tok = toy_policy()
     with pytest.raises(ValueError, match="other arrays than this run builds.*Nothing was deleted"):
-        train(changed, policy=policy, tokenizer=tok, rows=rows, reward_fns=[a_reward], resume=True)
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
-    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+        train(changed, policy=policy, tokenizer=tok, rows=toy_rows(), reward_fns=[a_reward], resume=True)
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20, 30]
+    assert (out / "metrics.jsonl").read_text() == metrics
 
 
-def test_existing_checkpoints_need_resume_and_bad_configs_are_named(tmp_path):
+def test_existing_checkpoints_need_resume_and_bad_configs_are_named(learned, tmp_path):
+    out = copy_run(learned, tmp_path)
+    cfg = toy_config(out, save_every=10)
     policy, tok = toy_policy()
-    cfg = toy_config(tmp_path, steps=1, export_hf=False, loss=LossSpec(micro_batch_size=64))
-    train(cfg, policy=policy, tokenizer=tok, rows=toy_rows(), reward_fns=[a_reward])
     with pytest.raises(ValueError, match="--resume"):
         train(cfg, policy=policy, tokenizer=tok, rows=toy_rows(), reward_fns=[a_reward])
     with pytest.raises(ValueError, match="module:function"):
