@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from jaxrast.toy.tokenizer import char_tokenizer
@@ -61,46 +60,3 @@ def make_checkpoint(directory: str, kind: str = "qwen2", seed: int = 0, **kw) ->
     assert len(tok) <= cfg.vocab_size
     tok.save_pretrained(directory)
     return directory
-
-
-# ---- compiled programs shared between runs (test speed only) ---------------------------------
-# Jitted functions are cached per Python object: every new engine or trainer compiles programs
-# identical to the previous one's, and every `jaxrast` subprocess compiles them all again.
-# JAX's persistent compilation cache keeps each compiled program on disk and loads it on the
-# next identical compile; a loaded executable is the one a fresh compile gives, so results do
-# not change. The folders that decode or train use one directory for the whole session.
-
-def jax_cache_dir(tmp_path_factory) -> str:
-    """The session's compilation cache directory (the same for every module that asks)."""
-    return str(tmp_path_factory.getbasetemp() / "jax_cache")
-
-
-def cache_env(directory) -> dict[str, str]:
-    """Environment variables that make a `jaxrast` subprocess use the cache in `directory`."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(directory), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-
-
-@contextlib.contextmanager
-def compilation_cache(directory):
-    """The cache in this process for the duration of the block only (left alone when the
-    session already uses one): a module's autouse fixture, so nothing outside it is affected."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    if jax.config.jax_compilation_cache_dir is not None:
-        yield
-        return
-    saved = {k: getattr(jax.config, k) for k in ("jax_persistent_cache_min_compile_time_secs",
-                                                 "jax_persistent_cache_min_entry_size_bytes")}
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    cc.set_cache_dir(str(directory))
-    cc.reset_cache()  # the cache object is created on first use: make it see the directory
-    try:
-        yield
-    finally:
-        jax.config.update("jax_compilation_cache_dir", None)
-        cc.reset_cache()
-        for k, v in saved.items():
-            jax.config.update(k, v)

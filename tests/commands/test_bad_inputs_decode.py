@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from hf_fixtures import REPO, SMALL, cache_env, jax_cache_dir, write_questions
+from hf_fixtures import REPO, SMALL, write_questions
 from refusals import assert_refused, jsonl_lines, snapshot
 
 from jaxrast.cli import main
@@ -27,7 +27,7 @@ def paths(ckpt_dir, tmp_path_factory):
     data = write_questions(tmp / "questions.jsonl", 4)
     return dict(base=ckpt_dir("qwen2", seed=1, **SMALL), rl=ckpt_dir("qwen2", seed=2, **SMALL),
                 ref=ckpt_dir("qwen2", seed=3, **SMALL), short=ckpt_dir("qwen2", seed=4, max_pos=32, **SMALL),
-                data=data, tmp=tmp, jax_cache=jax_cache_dir(tmp_path_factory))
+                data=data, tmp=tmp)
 
 
 def rast(p, out, *extra):
@@ -323,9 +323,9 @@ def test_our_torn_last_line_is_still_repaired(paths, tmp_path):
     assert lines[:2] == first and len(lines) == 3 and all(json.loads(x) for x in lines)
 
 
-def _env(paths):
+def _env():
     return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]), JAX_PLATFORMS="cpu",
-                HF_HUB_OFFLINE="1", **cache_env(paths["jax_cache"]))
+                HF_HUB_OFFLINE="1")
 
 
 def test_a_second_writer_of_the_same_out_is_refused(paths, tmp_path, capsys):
@@ -347,11 +347,13 @@ def test_a_second_writer_of_the_same_out_is_refused(paths, tmp_path, capsys):
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(paths, tmp_path):
-    data = write_questions(tmp_path / "many.jsonl", 400, cycle=5)
+    """3,200 rows of the other tests' prompts and shapes: the subprocess loads the programs
+    they compiled (the compilation cache) and is interrupted after its first row."""
+    data = write_questions(tmp_path / "many.jsonl", 400, cycle=4)
     out = tmp_path / "interrupted.jsonl"
-    args = rast(paths, out, "--n", "8", "--batch-size", "32", "--max-new-tokens", "16")
+    args = rast(paths, out, "--n", "8")
     args[args.index(paths["data"])] = data
-    proc = subprocess.Popen([sys.executable, "-m", "jaxrast.cli", *args], env=_env(paths), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "jaxrast.cli", *args], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or not out.read_text()) and proc.poll() is None:
@@ -375,7 +377,7 @@ def test_a_peer_that_never_starts_is_reported_while_waiting_and_at_the_timeout(p
     args = rast(paths, out, "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "0",
                 "--distributed-timeout", "3")
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "jaxrast.cli", *args], env=_env(paths), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "jaxrast.cli", *args], env=_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert time.time() - t0 < 60

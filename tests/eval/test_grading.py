@@ -307,29 +307,34 @@ def test_pool_in_process_mode_and_dedup():
 # ---------------------------------------------------------------- gold self-consistency
 
 
+@pytest.fixture(scope="module")
+def gold_pool():
+    """One pool for every benchmark below (its workers start once; the pool's own tests are above)."""
+    with GraderPool() as pool:
+        yield pool
+
+
 def _solution_text(row: dict) -> str:
     solution = row["solution"]
     return "\n".join(solution) if isinstance(solution, list) else solution
 
 
 @pytest.mark.parametrize("name, floor", [("math500", 0.99), ("gsm8k", 0.99), ("minerva", 0.99), ("aime24", 0.95)])
-def test_gold_solutions_grade_correct(name, floor):
+def test_gold_solutions_grade_correct(gold_pool, name, floor):
     """Each problem's own worked solution, graded against its gold answer."""
     rows = load_benchmark(name)
-    with GraderPool() as pool:
-        verdicts = pool.grade_many([_solution_text(r) for r in rows], [r["answer"] for r in rows])
+    verdicts = gold_pool.grade_many([_solution_text(r) for r in rows], [r["answer"] for r in rows])
     rate = sum(v.correct for v in verdicts) / len(rows)
     assert rate >= floor, f"{name}: {rate:.4f}"
 
 
 @pytest.mark.parametrize("name", ["math500", "gsm8k", "aime24", "amc23", "minerva", "olympiadbench"])
-def test_boxed_gold_answer_matches_itself(name):
+def test_boxed_gold_answer_matches_itself(gold_pool, name):
     """Every gold answer format (tuples, multi-answers, units, e-notation) is judged equal
     to itself when a model boxes it verbatim."""
     rows = load_benchmark(name)
     golds = [r["answer"] for r in rows]
     texts = [rf"The final answer is $\boxed{{{g if isinstance(g, str) else g[0]}}}$." for g in golds]
-    with GraderPool() as pool:
-        verdicts = pool.grade_many(texts, golds)
+    verdicts = gold_pool.grade_many(texts, golds)
     failures = [(r["id"], r["answer"]) for r, v in zip(rows, verdicts) if not v.correct]
     assert not failures

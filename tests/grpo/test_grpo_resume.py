@@ -11,7 +11,7 @@ import time
 
 import pytest
 from grpo_toy import toy_policy, toy_rows
-from hf_fixtures import REPO, cache_env, jax_cache_dir
+from hf_fixtures import REPO
 
 from jaxrast.cli import main
 from jaxrast.grpo.log import TIMING_KEYS, read_metrics
@@ -25,8 +25,8 @@ STEPS = 8
 def setup(tmp_path_factory):
     """(config path, env): a toy HF checkpoint, JSONL data and a config with β>0, μ=2, warm-up.
 
-    The trainer subprocesses use this process's compilation cache (conftest.py): they load
-    the programs the first run compiled instead of compiling them again."""
+    The trainer subprocesses inherit the session's compilation cache (tests/conftest.py): they
+    load the programs the first run compiled instead of compiling them again."""
     root = tmp_path_factory.mktemp("resume")
     model, tok = toy_policy(seed=1)
     save_hf(model, tok, str(root / "toy_hf"))
@@ -46,8 +46,7 @@ save_every: 1
 keep_checkpoints: 2
 progress: false
 """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-               **cache_env(jax_cache_dir(tmp_path_factory)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     return str(config), env, root
 
 

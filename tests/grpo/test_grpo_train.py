@@ -67,7 +67,8 @@ def test_exported_checkpoint_matches_policy_in_transformers(learned):
     _, policy, tok, out = learned
     hf_dir = os.path.join(out, "hf")  # written by train() at the end (export_hf)
     ids = tok("bcdaaaa" + "efgh", add_special_tokens=False)["input_ids"]
-    ours = np.asarray(policy(jax.numpy.asarray([ids]))[0])
+    forward = nnx.jit(lambda model, x: model(x)[0])  # one compile, not one per op
+    ours = np.asarray(forward(policy, jax.numpy.asarray([ids])))
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits.numpy()
@@ -75,7 +76,7 @@ def test_exported_checkpoint_matches_policy_in_transformers(learned):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
     # and it loads back as a jaxrast model (the `rl` of a RAST pair)
     again, _, tok2 = load_model(hf_dir)
-    np.testing.assert_allclose(np.asarray(again(jax.numpy.asarray([ids]))[0]), ours, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(forward(again, jax.numpy.asarray([ids]))), ours, atol=1e-5)
     assert tok2("bcdaaaa", add_special_tokens=False)["input_ids"] == ids[:7]
 
 
