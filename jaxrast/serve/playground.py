@@ -151,7 +151,7 @@ def router(service: Service, authorize: Callable[..., None], pool=None) -> APIRo
     @v1.get("/info")
     async def info():
         return {"model": service.model_name, "max_len": service.max_len, "slots": service.slots,
-                "pairs": [{"index": i, "lam": float(p.lam)} for i, p in enumerate(service.rast.pairs)],
+                "pairs": [{"index": i, "lam": float(p.lam)} for i, p in enumerate(service.pairs)],
                 "sources": sources(), "templates": {"none": "{question}", **TEMPLATES}}
 
     @v1.get("/problems")

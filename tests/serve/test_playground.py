@@ -291,7 +291,7 @@ class _Stub:
 
     def __init__(self, lams):
         self.model_name, self.max_len, self.slots, self.accepting = "stub", 64, 2, True
-        self.rast = types.SimpleNamespace(pairs=[types.SimpleNamespace(lam=x) for x in lams])
+        self.pairs = [types.SimpleNamespace(lam=x) for x in lams]
         self.metrics = None
 
     def start(self):
