@@ -63,7 +63,7 @@ class Service:
             base, self.pairs, tokenizer=tokenizer, mesh=mesh, spec=spec, speculative_mode=speculative_mode,
             record=Record(logprobs=True, top_logprobs=top_logprobs))
         self.vocab = ensemble.vocab
-        self.lam_schedule = ensemble.combination(base, self.pairs).schedule
+        self.lam_schedule = None  # the server applies each request's λ unscheduled
         self.metrics = Metrics(self)
         self._ids = itertools.count()
         self._lock = threading.Lock()
