@@ -35,14 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--served-model-name", help="the model name clients send (default 'jaxrast')")
     add("--chat-template", metavar="FILE", help="a Jinja chat template for /v1/chat/completions (default: the "
                                                 "tokenizer's)")
-    add("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
+    add("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}; a flag's "
+                          "value shows in `ps`: prefer the variable or --api-key-file)")
+    add("--api-key-file", metavar="FILE", help="read the API key from FILE (its first line)")
+    add("--insecure", action="store_true", help="serve a non-loopback --host without an API key (refused otherwise)")
+    add("--protect-docs", action="store_true", help="/metrics, /docs and /openapi.json need the key too")
+    add("--max-body-bytes", type=int, help="largest request body; larger ones get 413 unread (default 4 MiB)")
+    add("--max-prompt-bytes", type=int, help="largest prompt in UTF-8 bytes (default: the most the context's tokens "
+                                             "can spell)")
+    add("--read-timeout", type=float, help="seconds a client may stall while sending its body (default 30)")
+    add("--prepare-timeout", type=float, help="seconds to template and tokenize one request (default 30)")
+    add("--max-connections", type=int, help="concurrent connections; beyond them uvicorn answers 503 (default: any)")
     add("--grace", type=float, help="seconds running requests get to finish on SIGTERM (default 10)")
     add_speculative(parser, "adaptive (default): time speculative and plain calls and run the faster")
     add_loading_and_processes(parser)
 
 
 _FLAGS = ("base", "host", "port", "max_slots", "max_len", "max_waiting", "served_model_name", "chat_template",
-          "grace", "dtype", "mesh", "speculative", "speculative_mode")
+          "grace", "dtype", "mesh", "speculative", "speculative_mode", "max_body_bytes", "max_prompt_bytes",
+          "read_timeout", "prepare_timeout", "max_connections")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -52,12 +63,25 @@ def config_from_args(args: argparse.Namespace):
     flags = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
     if args.pair:
         flags["pairs"] = tuple(tuple(p) for p in args.pair)
-    if args.allow_pickle:
-        flags["allow_pickle"] = True
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    for name in ("allow_pickle", "insecure", "protect_docs"):
+        if getattr(args, name):
+            flags[name] = True
+    api_key = args.api_key or _key_file(args.api_key_file) or os.environ.get(API_KEY_ENV) or None
     if api_key:
         flags["api_key"] = api_key
     return replace(load_config(ServeConfig, args.config, args.set), **flags)
+
+
+def _key_file(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--api-key-file {path} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        key = f.readline().strip()
+    if not key:
+        raise ValueError(f"--api-key-file {path} is empty; write the key on its first line.")
+    return key
 
 
 def run(args: argparse.Namespace) -> int:

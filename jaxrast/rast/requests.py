@@ -36,6 +36,108 @@ class RequestParams:
     gamma: int | None = None  # speculative drafts per round (None: the engine's γ; 0: none)
 
 
+# Bounds on what reaches the engine's device arrays. Every row of a decode call shares the call:
+# a value that overflows its dtype, or makes the logits NaN, would end the call for all of them.
+INT32_MAX = 2**31 - 1  # budgets, top_k, min_tokens and token ids are int32 on the device
+UINT32_LIMIT = 2**32  # seed, row id and sample make each row's uint32 PRNG stream
+LAM_MAX = 1e4  # |λ|·Δlogit must stay finite in float32; a real shift's Δlogit is far below 1e30
+TEMPERATURE_MIN = 1e-4  # a smaller positive T overflows z / T in float32: 0 is greedy
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024  # each stop string is searched for in the text after every call
+
+
+class ParamError(ValueError):
+    """A request the engine cannot take; `field` names the setting as the HTTP API does."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLimits:
+    """What an engine can hold: checked for every request before it may share a decode call."""
+
+    vocab: int
+    pairs: int
+    max_len: int  # positions per slot, γ draft positions included
+    max_stop_ids: int
+    max_forced: int
+    gamma: int = 0
+
+
+def _check_int(value: int, field: str, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ParamError(f"{field} = {value} is outside [{low}, {high}]", field)
+
+
+def _check_ids(ids: Sequence[int], field: str, vocab: int) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ParamError(f"token id {bad} in {field} is outside the vocabulary of {vocab} tokens", field)
+
+
+def _float32_finite(x: float) -> bool:
+    return bool(np.isfinite(x)) and abs(x) <= float(np.finfo(np.float32).max)
+
+
+def _check_sampling(p: RequestParams) -> None:
+    if not _float32_finite(p.temperature) or p.temperature < 0 or 0 < p.temperature < TEMPERATURE_MIN:
+        raise ParamError(f"temperature = {p.temperature} must be 0 (greedy) or a finite number >= "
+                         f"{TEMPERATURE_MIN}", "temperature")
+    if not (_float32_finite(p.top_p) and np.float32(p.top_p) > 0 and p.top_p <= 1):
+        raise ParamError(f"top_p = {p.top_p} must be in (0, 1] (and above 0 in float32)", "top_p")
+    _check_int(p.top_k, "top_k", 0, INT32_MAX)
+    _check_int(p.min_tokens, "min_tokens", 0, INT32_MAX)
+    for name in ("seed", "row_id", "sample"):
+        _check_int(getattr(p, name), name, 0, UINT32_LIMIT - 1)
+    if p.gamma is not None:
+        _check_int(p.gamma, "gamma", 0, INT32_MAX)
+    if p.mode not in ("rast", "base", "rl"):
+        raise ParamError(f"mode must be 'rast', 'base' or 'rl', got {p.mode!r}", "mode")
+
+
+def _check_lam(lam: tuple[float, ...] | None, pairs: int) -> None:
+    if lam is None:
+        return
+    if len(lam) != pairs:
+        raise ParamError(f"lam has {len(lam)} weights but {pairs} pairs are loaded; give one λ per pair", "lam")
+    bad = next((x for x in lam if not (np.isfinite(x) and abs(x) <= LAM_MAX)), None)
+    if bad is not None:
+        raise ParamError(f"lam = {bad} is outside [-{LAM_MAX:g}, {LAM_MAX:g}]: the shifted logits would not be "
+                         "finite in float32", "lam")
+
+
+def _check_stops(p: RequestParams, limits: EngineLimits) -> None:
+    if len(p.stop_ids) > limits.max_stop_ids:
+        raise ParamError(f"at most {limits.max_stop_ids} stop ids, got {len(p.stop_ids)}", "stop")
+    _check_ids(p.stop_ids, "stop", INT32_MAX)  # the server's own eos: only the dtype matters (never sampled)
+    if len(p.stop_strings) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in p.stop_strings):
+        raise ParamError(f"at most {MAX_STOP_STRINGS} stop strings of 1 to {MAX_STOP_CHARS} characters", "stop")
+    if len(p.continue_ids) > limits.max_forced:
+        raise ParamError(f"continue_text is {len(p.continue_ids)} tokens; the engine forces at most "
+                         f"{limits.max_forced}: shorten it", "continue_text")
+    _check_ids(p.continue_ids, "continue_text", limits.vocab)
+
+
+def validate_request(prompt_ids: Sequence[int], p: RequestParams, limits: EngineLimits) -> None:
+    """Raises `ParamError` (naming the field) for a request the engine cannot hold: the one
+    check the HTTP API and the scheduler share, so no row can spoil a call others share."""
+    if not prompt_ids:
+        raise ParamError("an empty prompt cannot be decoded; give every prompt at least one token", "prompt")
+    _check_int(p.max_tokens, "max_tokens", 1, INT32_MAX)
+    need = len(prompt_ids) + p.max_tokens + limits.gamma  # a round may write γ positions past the budget
+    if need > limits.max_len:
+        raise ParamError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens})"
+                         + (f" plus γ = {limits.gamma} draft positions" if limits.gamma else "")
+                         + f" is {need} tokens, beyond max_len = {limits.max_len} positions per slot; shorten the "
+                         "prompt, lower max_tokens, or build the engine with a larger max_len", "max_tokens")
+    _check_ids(prompt_ids, "prompt", limits.vocab)
+    _check_sampling(p)
+    _check_lam(p.lam, limits.pairs)
+    _check_stops(p, limits)
+
+
 @dataclasses.dataclass
 class Update:
     """What a streaming consumer receives after each decode call that touched its request."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import os
 import threading
 import time
@@ -21,10 +22,12 @@ import jax
 import numpy as np
 
 from jaxrast.rast.engine import Engine
-from jaxrast.rast.requests import Request, cancel
+from jaxrast.rast.requests import EngineLimits, Request, cancel, validate_request
 from jaxrast.rast.slot_group import SlotGroup, Stats
 from jaxrast.rast.token_rules import Record
 from jaxrast.runtime.distributed import broadcast_json
+
+log = logging.getLogger("jaxrast.rast.scheduler")
 
 
 def default_workers(slots: int, mesh) -> int:
@@ -56,6 +59,23 @@ def _from_json(x):
     if isinstance(x, list):
         return [_from_json(v) for v in x]
     return x
+
+
+def _drop_out_of_vocab(group: SlotGroup, out) -> list[Request]:
+    """Ends, with finish reason "error", each request whose call sampled an id outside the
+    vocabulary (its logits were not finite): its text cannot be decoded, and its neighbours
+    in the call are unharmed, so only it ends."""
+    vocab, failed = group.engine.vocab, []
+    for slot, req in list(group.slots.items()):
+        new = out.tokens[slot, :int(out.count[slot])]
+        if new.size and (new.min() < 0 or new.max() >= vocab):
+            log.error("a request (row %d, sample %d) sampled token id %d outside the vocabulary of %d; it ends "
+                      "with an error", req.params.row_id, req.params.sample,
+                      int(new.max() if new.max() >= vocab else new.min()), vocab)
+            del group.slots[slot]
+            group.release[slot] = not out.finished[slot]  # still active on the device
+            failed.append(group.finish(req, "error", ""))
+    return failed
 
 
 class Scheduler:
@@ -96,23 +116,16 @@ class Scheduler:
     def slots(self) -> int:
         return sum(g.spec.max_slots for g in self.groups)
 
+    @property
+    def limits(self) -> EngineLimits:
+        spec, engine = self.groups[0].spec, self.groups[0].engine
+        return EngineLimits(vocab=engine.vocab, pairs=engine.num_pairs, max_len=spec.max_len,
+                            max_stop_ids=spec.max_stop_ids, max_forced=spec.max_forced, gamma=spec.gamma)
+
     def check(self, req: Request) -> None:
-        """Refuses, before it takes a slot, a request that cannot fit a slot or the engine."""
-        spec, p = self.groups[0].spec, req.params
-        if not req.prompt_ids:
-            raise ValueError("an empty prompt cannot be decoded; give every prompt at least one token.")
-        need = len(req.prompt_ids) + p.max_tokens + spec.gamma  # a round may write γ positions past the budget
-        if need > spec.max_len:
-            raise ValueError(f"the prompt ({len(req.prompt_ids)} tokens) plus max_tokens ({p.max_tokens})"
-                             + (f" plus γ = {spec.gamma} draft positions" if spec.gamma else "")
-                             + f" is {need} tokens, beyond max_len = {spec.max_len} positions per slot; shorten "
-                             "the prompt, lower max_tokens, or build the engine with a larger max_len.")
-        if len(p.stop_ids) > spec.max_stop_ids or len(p.continue_ids) > spec.max_forced:
-            raise ValueError(f"at most {spec.max_stop_ids} stop ids and a continue text of {spec.max_forced} tokens "
-                             f"(got {len(p.stop_ids)} and {len(p.continue_ids)}).")
-        if p.lam is not None and len(p.lam) != self.groups[0].engine.num_pairs:
-            raise ValueError(f"lam has {len(p.lam)} weights but {self.groups[0].engine.num_pairs} pairs are loaded; "
-                             "give one λ per pair.")
+        """Refuses (`ParamError`, a ValueError) a request that cannot fit a slot or the engine,
+        before it takes a slot: its row would share every decode call with other requests."""
+        validate_request(req.prompt_ids, req.params, self.limits)
 
     def submit(self, req: Request) -> None:
         self.check(req)
@@ -134,14 +147,23 @@ class Scheduler:
     def _cycle(self, group: SlotGroup, record: Record) -> list[Request]:
         """Admit into the group's free slots, then one decode call (if anything is active).
         When serving on several processes, process 0 sends each cycle's plan to the others
-        first (`follow`), so they issue the same programs with the same inputs."""
+        first (`follow`), so they issue the same programs with the same inputs. If the call
+        fails, its requests (those admitted by it included) end with finish reason "error"."""
         requests = self._take(len(group.free)) if group.free else []
-        plan = group.plan(requests, waiting=len(self.queue), first_token_call=self.serving, record=record)
-        if plan is None:
-            return []
-        if self.leader:
-            broadcast_json(_as_json(plan))
-        return group.absorb(group.execute(plan))
+        try:
+            plan = group.plan(requests, waiting=len(self.queue), first_token_call=self.serving, record=record)
+            if plan is None:
+                return []
+            if self.leader:
+                broadcast_json(_as_json(plan))
+            out = group.execute(plan)
+            failed = _drop_out_of_vocab(group, out)
+            return failed + group.absorb(out)
+        except Exception:
+            for req in requests:
+                if not req.finished and req not in group.slots.values():
+                    group.finish(req, "error", "")
+            raise
 
     def run(self, requests: Sequence[Request], record: Record = Record()) -> Iterator[list[Request]]:
         """Submits `requests` and yields lists of finished ones until all are done, recording
@@ -247,9 +269,9 @@ class Scheduler:
             try:
                 self._cycle(group, self.record)
             except Exception as err:  # noqa: BLE001 - a failed call ends its requests, not the server
+                log.exception("a decode call failed; its %d request(s) end with an error", len(group.slots))
                 self.errors.append(err)
                 for req in list(group.slots.values()):
-                    req.cancelled = True
                     group.finish(req, "error", "")
                 group.slots.clear()
                 group.state = group.engine.init_state()

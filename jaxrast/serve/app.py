@@ -1,5 +1,6 @@
-"""The HTTP app: OpenAI's /v1 routes on FastAPI, errors in OpenAI's shape, Server-Sent Events
-for streams, an optional API key on every /v1 route, /health and /metrics."""
+"""The HTTP app: OpenAI's /v1 routes on FastAPI, errors in OpenAI's shape (FastAPI's own
+included), Server-Sent Events for streams, /health and /metrics, behind `guard.Guard` (the
+API key and the body's size checked before the body is read)."""
 
 from __future__ import annotations
 
@@ -9,31 +10,50 @@ import json
 import logging
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from jaxrast.serve import playground, responses
+from jaxrast.serve.guard import Guard, Limits
 from jaxrast.serve.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     ErrorBody,
     ErrorResponse,
     ModelCard,
     ModelList,
 )
-from jaxrast.serve.service import BadRequest, Choice, QueueFull, Service
+from jaxrast.serve.service import BadRequest, Busy, Choice, QueueFull, RequestFailed, Service
 
 log = logging.getLogger("jaxrast.serve")
+
+# what an error of each status is called in OpenAI's shape
+KINDS = {401: ("authentication_error", "invalid_api_key"), 404: ("not_found_error", None),
+         405: ("invalid_request_error", "method_not_allowed"), 408: ("invalid_request_error", "timeout"),
+         413: ("invalid_request_error", "body_too_large")}
 
 
 def error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
           headers: dict | None = None) -> JSONResponse:
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a client's lone surrogate, escaped
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def create_app(service: Service, *, api_key: str | None = None, grace_s: float = 10.0) -> FastAPI:
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 405, 408, 413, 429, 500, 503)}
+
+
+def openapi_responses(ok: type) -> dict:
+    """The answers a /v1 route documents: `ok` as JSON or a stream, and every error."""
+    return {200: {"model": ok, "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **ERRORS}
+
+
+def create_app(service: Service, *, api_key: str | None = None, grace_s: float = 10.0,
+               limits: Limits | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         service.start()
@@ -41,44 +61,9 @@ def create_app(service: Service, *, api_key: str | None = None, grace_s: float =
         await asyncio.to_thread(service.stop, grace_s)  # SIGTERM: running requests get grace_s to finish
 
     app = FastAPI(title="jaxrast", lifespan=lifespan)
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {api_key}":
-            raise HTTPException(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "json_invalid":
-            return error(400, f"the request body is not valid JSON ({first.get('msg')})", "invalid_request_error")
-        param = ".".join(loc) or None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "missing":
-            message = f"{param} is required"
-        return error(400, f"{param}: {message}" if param else message, "invalid_request_error", param)
-
-    @app.exception_handler(BadRequest)
-    async def bad(_request, exc: BadRequest):
-        return error(400, str(exc), "invalid_request_error", exc.param)
-
-    @app.exception_handler(QueueFull)
-    async def full(_request, exc: QueueFull):
-        return error(429, f"{exc}; retry shortly", "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, exc: HTTPException):
-        kinds = {401: ("authentication_error", "invalid_api_key"), 404: ("not_found_error", None)}
-        kind, code = kinds.get(exc.status_code, ("invalid_request_error", None))
-        return error(exc.status_code, str(exc.detail), kind, code=code)
-
-    @app.exception_handler(Exception)
-    async def crashed(_request, exc: Exception):  # a bug: still an OpenAI-shaped answer, and the server lives on
-        log.exception("request failed")
-        return error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    app.add_middleware(Guard, api_key=api_key, limits=limits or Limits(),
+                       refuse=lambda status, message, kind, code: error(status, message, kind, code=code))
+    add_error_handlers(app, service)
 
     def check_model(name: str) -> None:
         if name != service.model_name:
@@ -89,45 +74,94 @@ def create_app(service: Service, *, api_key: str | None = None, grace_s: float =
         return {"status": "ok" if service.accepting else "draining", "slots": service.slots,
                 "running": service.scheduler.running, "waiting": len(service.scheduler.queue)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(service.metrics.text(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", responses=openapi_responses(ModelList))
     async def models():
         return ModelList(data=[ModelCard(id=service.model_name)]).model_dump()
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions", responses=openapi_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        prompts = [service.encode(p) for p in body.prompts()]
-        params = service.params(body, max(map(len, prompts)), default_max=16)
+        prompts, params = await service.prepare(body)
         rid, choices = service.submit(prompts, params, body.n)
         if body.stream:
             return sse(responses.completion_chunks(service, body, rid, merged(service, choices, request)))
         done = await gather(service, choices, request)
         return (await responses.completion(service, body, rid, done)).model_dump(exclude_none=True)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions", responses=openapi_responses(ChatCompletionResponse))
     async def chat(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        text = service.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
-        prompt = service.encode(text, "messages")
-        params = service.params(body, len(prompt), default_max=None)
-        rid, choices = service.submit([prompt], params, body.n)
+        prompts, params = await service.prepare(body)
+        rid, choices = service.submit(prompts, params, body.n)
         if body.stream:
             return sse(responses.chat_chunks(service, body, rid, merged(service, choices, request)))
         done = await gather(service, choices, request)
         return responses.chat(service, body, rid, done).model_dump(exclude_none=True)
 
-    app.include_router(playground.router(service, authorize))  # GET / (no key) and /v1/rast/... (the key)
+    app.include_router(playground.router(service))  # GET / (no key) and /v1/rast/... (the key, by the guard)
     return app
 
 
+def add_error_handlers(app: FastAPI, service: Service) -> None:
+    """Every refusal and failure in OpenAI's shape, FastAPI's and Starlette's own included."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query")]
+        if first.get("type") == "json_invalid":
+            return error(400, f"the request body is not valid JSON ({first.get('msg')})", "invalid_request_error")
+        param = loc[0] if loc else None  # the field as the client sent it; the message has the full path
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "missing":
+            message = "is required"
+        where = ".".join(loc)
+        return error(400, f"{where}: {message}" if where else message, "invalid_request_error", param)
+
+    @app.exception_handler(BadRequest)
+    async def bad(_request, exc: BadRequest):
+        return error(400, str(exc), "invalid_request_error", exc.param)
+
+    @app.exception_handler(QueueFull)
+    async def full(_request, exc: QueueFull):
+        return error(429, f"{exc}; retry shortly", "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+    @app.exception_handler(Busy)
+    async def busy(_request, exc: Busy):
+        return error(503, f"{exc}; retry shortly", "server_error", code="busy", headers={"Retry-After": "1"})
+
+    @app.exception_handler(HTTPException)  # Starlette's: FastAPI's 404 / 405 / body errors and ours
+    async def http_error(_request, exc: HTTPException):
+        kind, code = KINDS.get(exc.status_code, ("invalid_request_error", None))
+        return error(exc.status_code, str(exc.detail), kind, code=code, headers=exc.headers)
+
+    @app.exception_handler(RequestFailed)
+    async def failed(_request, exc: RequestFailed):
+        return error(500, str(exc), "server_error", code="engine_error")
+
+    @app.exception_handler(Exception)
+    async def crashed(_request, exc: Exception):  # a bug: still an OpenAI-shaped answer, and the server lives on
+        log.exception("request failed")
+        if getattr(service, "metrics", None) is not None:
+            service.metrics.errors.inc()
+        return error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
 def sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-Sent Events; a request the engine failed ends its stream with an `error` event
+    (OpenAI's error shape, which the openai client raises as an APIError)."""
     async def body():
-        async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except RequestFailed as err:
+            failure = ErrorResponse(error=ErrorBody(message=str(err), type="server_error", code="engine_error"))
+            yield f"event: error\ndata: {failure.model_dump_json()}\n\n"
+            return
         yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -148,7 +182,14 @@ async def gather(service: Service, choices: list[Choice], request: Request) -> l
         await asyncio.gather(*(service.wait(c) for c in choices))
     finally:
         watcher.cancel()
+    raise_if_failed(choices)
     return choices
+
+
+def raise_if_failed(choices: list[Choice]) -> None:
+    """Raises `RequestFailed` if the engine failed any of the choices (never a silent "stop")."""
+    if any(c.request.finish_reason == "error" for c in choices):
+        raise RequestFailed()
 
 
 async def merged(service: Service, choices: list[Choice], request: Request):

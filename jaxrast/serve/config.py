@@ -20,7 +20,14 @@ class ServeConfig:
     max_waiting: Positive = 256
     served_model_name: str = "jaxrast"
     chat_template: str | None = None  # a Jinja template file
-    api_key: str | None = None
+    api_key: str | None = None  # also $JAXRAST_API_KEY or --api-key-file (a flag's value shows in `ps`)
+    insecure: bool = False  # serve a non-loopback host without a key (refused otherwise)
+    protect_docs: bool = False  # /metrics, /docs and /openapi.json need the key too
+    max_body_bytes: Positive = 4 * 2**20  # larger bodies get 413 before any byte is parsed
+    max_prompt_bytes: Positive | None = None  # per prompt; default: the most a context of tokens can spell
+    read_timeout: Annotated[Finite, Field(gt=0)] = 30.0  # seconds a client may stall while sending its body
+    prepare_timeout: Annotated[Finite, Field(gt=0)] = 30.0  # seconds to template and tokenize one request
+    max_connections: Positive | None = None  # uvicorn answers 503 beyond this many (None: unlimited)
     grace: Annotated[Finite, Field(ge=0)] = 10.0
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     mesh: str | None = None

@@ -1,6 +1,6 @@
 """/metrics in the Prometheus text format (prometheus_client, one registry per server):
 waiting and running requests, slot occupancy, generated tokens, time to first token and
-per-token latency histograms, finished requests by reason."""
+per-token latency histograms, finished requests by reason, server errors."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ class Metrics:
         self.prompt_tokens = Counter("jaxrast_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.requests = Counter("jaxrast_requests", "Choices submitted (n per request)", registry=r)
         self.finished_by = Counter("jaxrast_requests_finished", "Choices finished", ["finish_reason"], registry=r)
+        self.errors = Counter("jaxrast_request_errors", "Requests answered with a server error (the engine failed "
+                              "them, or the server did)", registry=r)
         self.ttft = Histogram("jaxrast_time_to_first_token_seconds", "Time from submission to the first token",
                               buckets=_TTFT, registry=r)
         self.tpot = Histogram("jaxrast_time_per_output_token_seconds", "Time per token after the first",
@@ -51,7 +53,10 @@ class Metrics:
         n = len(req.token_ids)
         self.tokens.inc(n)
         self.prompt_tokens.inc(len(req.prompt_ids))
-        self.finished_by.labels(req.finish_reason or "unknown").inc()
+        reason = req.finish_reason or "cancelled"  # unfinished: its client went away
+        self.finished_by.labels(reason).inc()
+        if reason == "error":
+            self.errors.inc()
         self.e2e.observe(now - req.submitted)
         if choice.first_token_at is not None and n > 1:
             self.tpot.observe((now - choice.first_token_at) / (n - 1))

@@ -3,8 +3,9 @@ shown token by token, and the few RAST endpoints the page needs beside OpenAI's.
 
 The page itself (`/` and `/static/...`: HTML, CSS and JavaScript shipped in the package, no
 CDN) loads without the API key; every `/v1/rast/...` route below takes the server's key like
-the rest of /v1, and the page asks for it when the server answers 401. The streams come from
-`POST /v1/completions` (`mode: "base"`, and `mode: "rast"` with `shift: true`).
+the rest of /v1 (`guard.Guard` checks it before the body is read), and the page asks for it
+when the server answers 401. The streams come from `POST /v1/completions` (`mode: "base"`,
+and `mode: "rast"` with `shift: true`).
 
     GET  /v1/rast/info                       model, context, slots, pairs and their default λ,
                                              problem sources, prompt templates
@@ -23,12 +24,12 @@ import os
 import re
 import threading
 from importlib import resources
-from typing import Callable
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from jaxrast.serve.protocol import Text
 from jaxrast.serve.service import BadRequest, Service
 
 TOY = "toy"  # the toy chain task's held-out problems (the demo's data seed)
@@ -42,10 +43,10 @@ STATIC = {"playground.js": "text/javascript; charset=utf-8", "shift.js": "text/j
 
 
 class GradeRequest(BaseModel):
-    completions: list[str] = Field(min_length=1, max_length=MAX_COMPLETIONS)
-    source: str | None = None  # "toy" or a shipped benchmark, with `id`
-    id: str | None = None
-    gold: str | list[str] | None = None  # or the gold answer itself
+    completions: list[Text] = Field(min_length=1, max_length=MAX_COMPLETIONS)
+    source: Text | None = None  # "toy" or a shipped benchmark, with `id`
+    id: Text | None = None
+    gold: Text | list[Text] | None = Field(None, max_length=MAX_COMPLETIONS)  # or the gold answer itself
 
     model_config = ConfigDict(extra="ignore")
 
@@ -61,21 +62,35 @@ def sources() -> list[dict]:
     return [toy, *({"name": name, "label": spec.description} for name, spec in BENCHMARKS.items())]
 
 
-@functools.lru_cache(maxsize=None)
+def canonical_source(source: str) -> str:
+    """The one name of a problem source however it is spelled (the cache's key), or a 404."""
+    from jaxrast.data.rows import canonical_name
+
+    if source.lower() == TOY:
+        return TOY
+    try:
+        return canonical_name(source)
+    except ValueError:
+        names = ", ".join(s["name"] for s in sources())
+        raise HTTPException(404, f"unknown problem source {source!r}; choose one of {names}") from None
+
+
 def problems(source: str) -> tuple[dict, ...]:
     """The normalised rows (id, question, answer) of a problem source."""
-    from jaxrast.data.rows import is_benchmark, load_benchmark
+    return _problems(canonical_source(source))
+
+
+@functools.lru_cache(maxsize=32)  # keyed by canonical names only: a client cannot grow it
+def _problems(source: str) -> tuple[dict, ...]:
+    from jaxrast.data.rows import load_benchmark
 
     if source == TOY:
         from jaxrast.toy.demo import HELD_OUT_SEED
         from jaxrast.toy.task import ChainTask
 
         rows = ChainTask().rows(TOY_PROBLEMS, HELD_OUT_SEED, id_prefix="heldout")
-    elif is_benchmark(source):
-        rows = load_benchmark(source)
     else:
-        names = ", ".join(s["name"] for s in sources())
-        raise HTTPException(404, f"unknown problem source {source!r}; choose one of {names}")
+        rows = load_benchmark(source)
     return tuple({"id": str(r["id"]), "question": r["question"], "answer": r["answer"]} for r in rows)
 
 
@@ -129,8 +144,8 @@ def _label(question: str, width: int = 80) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def router(service: Service, authorize: Callable[..., None], pool=None) -> APIRouter:
-    """The page (no key) and its /v1/rast routes (behind `authorize`, the app's key check)."""
+def router(service: Service, pool=None) -> APIRouter:
+    """The page (no key) and its /v1/rast routes (the app's guard asks them for the key)."""
     from jaxrast.data.prompts import TEMPLATES
 
     r = APIRouter()
@@ -146,7 +161,9 @@ def router(service: Service, authorize: Callable[..., None], pool=None) -> APIRo
             raise HTTPException(404, f"no static file {name!r}")
         return Response(_static(name), media_type=STATIC[name], headers=page)
 
-    v1 = APIRouter(prefix="/v1/rast", dependencies=[Depends(authorize)])
+    from jaxrast.serve.app import ERRORS
+
+    v1 = APIRouter(prefix="/v1/rast", responses=ERRORS)
 
     @v1.get("/info")
     async def info():
@@ -155,12 +172,12 @@ def router(service: Service, authorize: Callable[..., None], pool=None) -> APIRo
                 "sources": sources(), "templates": {"none": "{question}", **TEMPLATES}}
 
     @v1.get("/problems")
-    async def listing(source: str):
+    async def listing(source: Text):
         rows = await asyncio.to_thread(problems, source)
         return {"source": source, "problems": [{"id": p["id"], "label": _label(p["question"])} for p in rows]}
 
     @v1.get("/problem")
-    async def one(source: str, id: str):
+    async def one(source: Text, id: Text):
         return await asyncio.to_thread(problem, source, id)
 
     @v1.post("/grade")

@@ -7,13 +7,31 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from jaxrast.rast.requests import INT32_MAX, LAM_MAX, TEMPERATURE_MIN
 from jaxrast.runtime.config import Finite
 
 MAX_STOP = 4  # as OpenAI
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 4096
+
+
+def valid_unicode(text: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the text is not valid Unicode: a lone surrogate {text[err.start]!r} at character "
+                         f"{err.start}; send UTF-8 text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]  # an int32 on the device
+Lam = Annotated[Finite, Field(ge=-LAM_MAX, le=LAM_MAX)]  # λ·Δlogit stays finite in float32
 
 
 class StreamOptions(BaseModel):
@@ -23,27 +41,27 @@ class StreamOptions(BaseModel):
 class RastExtras(BaseModel):
     """RAST's fields beside OpenAI's (the openai client sends them with `extra_body`)."""
 
-    lam: Finite | list[Finite] | None = None  # one weight for every loaded pair, or one per pair
+    lam: Lam | list[Lam] | None = None  # one weight for every loaded pair, or one per pair
     mode: Literal["rast", "base", "rl"] = "rast"
-    top_k: int = Field(0, ge=0)
-    min_tokens: int = Field(0, ge=0)
-    continue_text: str = ""  # emitted instead of a stop id sampled before min_tokens
+    top_k: Count = 0
+    min_tokens: Count = 0
+    continue_text: Text = ""  # emitted instead of a stop id sampled before min_tokens
     shift: bool = False  # per-token shift statistics of the RAST column (the playground)
-    gamma: int | None = Field(None, ge=0)  # speculative drafts per round (at most the server's; 0: off)
+    gamma: Count | None = None  # speculative drafts per round (at most the server's; 0: off)
 
 
 class SamplingFields(RastExtras):
-    model: str
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)  # the chat API's newer name
+    model: Text
+    max_tokens: int | None = Field(None, gt=0, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, gt=0, le=INT32_MAX)  # the chat API's newer name
     temperature: Finite = Field(1.0, ge=0, le=100)
-    top_p: Finite = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = Field(None, validate_default=True)
+    top_p: Finite = Field(1.0, ge=1e-6, le=1)  # (0 in float32 keeps no token)
+    n: int = Field(1, ge=1, le=INT32_MAX)
+    stop: Text | list[Text] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, lt=2**31)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
 
     model_config = ConfigDict(extra="ignore")
 
@@ -55,14 +73,23 @@ class SamplingFields(RastExtras):
             raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("a stop sequence cannot be empty (every completion would be empty)")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
         return stops
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < TEMPERATURE_MIN:  # z / T would overflow float32
+            raise ValueError(f"temperature must be 0 (greedy) or at least {TEMPERATURE_MIN}")
+        return value
 
     def budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
 
@@ -83,18 +110,25 @@ class CompletionRequest(SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
+class ContentPart(BaseModel):
+    type: str
+    text: Text | None = None  # the text of a "text" part (other kinds of part are ignored)
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: the text ones
-            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+            return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=5)
 

@@ -21,7 +21,7 @@ from jaxrast.serve.protocol import (
     Usage,
     finite_or_none,
 )
-from jaxrast.serve.service import Choice, Service
+from jaxrast.serve.service import Choice, RequestFailed, Service
 
 
 def usage(choices: list[Choice]) -> Usage:
@@ -32,7 +32,13 @@ def usage(choices: list[Choice]) -> Usage:
 
 
 def _reason(choice: Choice) -> str:
-    return {"cancelled": "stop", "error": "stop"}.get(choice.request.finish_reason, choice.request.finish_reason)
+    return {"cancelled": "stop"}.get(choice.request.finish_reason, choice.request.finish_reason)
+
+
+def _check(choice: Choice, update) -> None:
+    """A failed choice ends the stream with an error event (`app.sse`), not a "stop"."""
+    if update.finish_reason == "error":
+        raise RequestFailed()
 
 
 def completion_logprobs(service: Service, ids: list[int], logprobs: list[float], tops, k: int,
@@ -88,6 +94,7 @@ async def completion_chunks(service: Service, body: CompletionRequest, rid: str,
                             ) -> AsyncIterator[dict]:
     seen: dict[int, Choice] = {}
     async for c, u in updates:
+        _check(c, u)
         seen[c.index] = c
         choice = {"index": c.index, "text": u.text, "logprobs": None, "finish_reason": None}
         if body.logprobs is not None and u.token_ids:
@@ -111,6 +118,7 @@ async def chat_chunks(service: Service, body: ChatCompletionRequest, rid: str, u
     seen: dict[int, Choice] = {}
     head = {"id": rid, "object": "chat.completion.chunk", "model": service.model_name}
     async for c, u in updates:
+        _check(c, u)
         first = c.index not in seen
         seen[c.index] = c
         delta = {"role": "assistant", "content": u.text} if first else {"content": u.text}

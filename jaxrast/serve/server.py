@@ -4,6 +4,7 @@ request), then serve on uvicorn until SIGTERM / Ctrl-C."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ def build_service(cfg: ServeConfig):
     from jaxrast.runtime.distributed import on_every_process, process_count
     from jaxrast.runtime.mesh import parse_mesh
     from jaxrast.serve.app import create_app
+    from jaxrast.serve.guard import Limits
     from jaxrast.serve.service import Service
 
     if not cfg.base:
@@ -38,16 +40,19 @@ def build_service(cfg: ServeConfig):
         template = open(cfg.chat_template, encoding="utf-8").read()
     context = min(m.cfg.max_position_embeddings for m in [base, *(m for p in pairs for m in (p.rl, p.ref))])
     max_len = cfg.max_len or min(context, 4096)
-    spec = EngineSpec(max_slots=cfg.max_slots, max_len=max_len, steps=cfg.steps_per_call,
+    # γ positions beyond the context: a speculative round writes them past a row's budget, so
+    # the speculative server takes every request the plain one does
+    spec = EngineSpec(max_slots=cfg.max_slots, max_len=max_len + cfg.speculative, steps=cfg.steps_per_call,
                       prefill_batch=min(8, cfg.max_slots), prefill_chunk=default_prefill_chunk(),
                       gamma=cfg.speculative)
     service = Service(base, pairs, spec=spec, tokenizer=load.tokenizer, mesh=mesh,
                       speculative_mode=cfg.speculative_mode, max_waiting=cfg.max_waiting,
-                      model_name=cfg.served_model_name, chat_template=template, top_logprobs=cfg.top_logprobs)
+                      model_name=cfg.served_model_name, chat_template=template, top_logprobs=cfg.top_logprobs,
+                      max_prompt_bytes=cfg.max_prompt_bytes, prepare_timeout_s=cfg.prepare_timeout)
     print(f"jaxrast serve: {spec.max_slots} slots of {max_len} positions, attention backend "
           f"{service.scheduler.attention}", file=sys.stderr, flush=True)
     warm_up(service)
-    return service, create_app(service, api_key=cfg.api_key, grace_s=cfg.grace)
+    return service, create_app(service, api_key=cfg.api_key, grace_s=cfg.grace, limits=Limits.of(cfg))
 
 
 def warm_up(service) -> None:
@@ -57,6 +62,26 @@ def warm_up(service) -> None:
 
     for _ in service.scheduler.run([Request([3, 3], RequestParams(max_tokens=2))], service.scheduler.record):
         pass
+
+
+def check_exposure(cfg: ServeConfig) -> None:
+    """Refuses to expose a server without a key to the network, unless told to (--insecure)."""
+    if cfg.api_key or is_loopback(cfg.host):
+        return
+    if not cfg.insecure:
+        raise ValueError(f"--host {cfg.host} exposes the server to the network without an API key: set "
+                         "$JAXRAST_API_KEY or --api-key-file FILE, or pass --insecure to serve it open.")
+    print(f"jaxrast serve: WARNING: serving {cfg.host} without an API key (--insecure): anyone who can reach it "
+          "can use it", file=sys.stderr, flush=True)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only localhost is known to stay on this machine
+        return False
 
 
 def serve(cfg: ServeConfig) -> int:
@@ -79,12 +104,14 @@ def serve(cfg: ServeConfig) -> int:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
+    check_exposure(cfg)
     service, app = build_service(cfg)
     if not is_main():  # a multi-process server: process 0 takes the HTTP requests, the others follow its plans
         service.scheduler.follow()
         return 0
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
-                            timeout_graceful_shutdown=int(cfg.grace) + 1)
+                            timeout_graceful_shutdown=int(cfg.grace) + 1, limit_concurrency=cfg.max_connections,
+                            timeout_keep_alive=5)  # an idle keep-alive connection closes after 5 s
     server = Server(config)
     print(f"jaxrast serve: {cfg.served_model_name} ({cfg.base} + {len(cfg.pairs)} pair(s)), {service.slots} slots of "
           f"{service.max_len} positions, on http://{cfg.host}:{cfg.port}", file=sys.stderr, flush=True)

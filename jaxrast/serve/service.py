@@ -9,6 +9,7 @@ client disconnected) cancels its requests, and their slots free at the next deco
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import threading
@@ -19,13 +20,26 @@ from jaxrast.data.prompts import encode_prompts
 from jaxrast.rast.decoding import make_scheduler
 from jaxrast.rast.engine import EngineSpec
 from jaxrast.rast.ensemble import Pair
-from jaxrast.rast.requests import Request, RequestParams, Update, default_stop_ids
+from jaxrast.rast.requests import ParamError, Request, RequestParams, Update, default_stop_ids, validate_request
 from jaxrast.rast.token_rules import Record
 from jaxrast.serve.metrics import Metrics
 
 
 class QueueFull(Exception):
     """More requests wait than the server admits (answered 429 with a Retry-After)."""
+
+
+class Busy(Exception):
+    """A request could not be prepared in time (answered 503 with a Retry-After)."""
+
+
+class RequestFailed(Exception):
+    """The engine failed a request (answered 500, or an SSE error event once streaming):
+    the server log has the traceback."""
+
+    def __init__(self, message: str = "the engine failed this request (the server log has the cause); retry it, "
+                                      "and report it if it fails again"):
+        super().__init__(message)
 
 
 class BadRequest(ValueError):
@@ -44,6 +58,16 @@ class Choice:
     request: Request
     updates: asyncio.Queue
     first_token_at: float | None = None
+    counted: bool = False  # in /metrics' finished requests (once, disconnected or not)
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes one token spells (a token's text in the vocabulary is at least
+    as long): a prompt of more than context × this many bytes cannot fit the context."""
+    try:
+        return max(len(t.encode("utf-8")) for t in tokenizer.get_vocab())
+    except (AttributeError, TypeError, ValueError):  # no tokenizer, or no vocabulary to read
+        return 64
 
 
 class Service:
@@ -53,7 +77,8 @@ class Service:
 
     def __init__(self, base, pairs: Sequence[Pair] = (), *, spec: EngineSpec, tokenizer=None, mesh=None,
                  speculative_mode: str = "on", max_waiting: int = 256, model_name: str = "jaxrast",
-                 chat_template: str | None = None, top_logprobs: int = 5):
+                 chat_template: str | None = None, top_logprobs: int = 5, max_prompt_bytes: int | None = None,
+                 prepare_timeout_s: float = 30.0):
         self.base, self.pairs = base, list(pairs)
         self.model_name, self.max_waiting = model_name, max_waiting
         self.tokenizer = tokenizer
@@ -64,6 +89,10 @@ class Service:
             record=Record(logprobs=True, top_logprobs=top_logprobs))
         self.vocab = ensemble.vocab
         self.lam_schedule = None  # the server applies each request's λ unscheduled
+        self.max_prompt_bytes = max_prompt_bytes or self.max_len * longest_token_bytes(tokenizer)
+        self.prepare_timeout_s = prepare_timeout_s
+        # templating and tokenizing, off the event loop: two at a time, each bounded in bytes
+        self._prepare_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jaxrast-prepare")
         self.metrics = Metrics(self)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -75,7 +104,8 @@ class Service:
 
     @property
     def max_len(self) -> int:
-        return self.scheduler.max_len
+        """The context a request may fill: the engine's positions less γ draft positions."""
+        return self.scheduler.max_len - self.scheduler.spec.gamma
 
     @property
     def num_pairs(self) -> int:
@@ -87,33 +117,84 @@ class Service:
     def stop(self, grace_s: float = 0.0) -> None:
         self.accepting = False
         self.scheduler.stop(grace_s)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- prompts --------------------------------------------------------------------------
 
+    async def prepare(self, body: Any) -> tuple[list[list[int]], RequestParams]:
+        """(token ids per prompt, settings) of a completion or chat body, templated and
+        tokenized in the worker pool within `prepare_timeout_s`."""
+        work = self.prepare_chat if hasattr(body, "messages") else self.prepare_completion
+        job = asyncio.get_running_loop().run_in_executor(self._prepare_pool, work, body)
+        try:
+            return await asyncio.wait_for(job, self.prepare_timeout_s)
+        except asyncio.TimeoutError:
+            raise Busy(f"the request was not tokenized within {self.prepare_timeout_s:g} s") from None
+
+    def prepare_completion(self, body: Any) -> tuple[list[list[int]], RequestParams]:
+        prompts = body.prompts()
+        self.check_batch(len(prompts), body.n)
+        ids = [self.encode(p) for p in prompts]
+        return ids, self.params(body, ids, default_max=16)
+
+    def prepare_chat(self, body: Any) -> tuple[list[list[int]], RequestParams]:
+        self.check_batch(1, body.n)
+        text = self.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+        ids = [self.encode(text, "messages")]
+        return ids, self.params(body, ids, default_max=None)
+
+    def check_batch(self, prompts: int, n: int) -> None:
+        """Refuses, before any tokenizing, a batch no queue of this server could ever hold."""
+        if n > self.slots:
+            raise BadRequest(f"n={n} is more than this server's {self.slots} slots", "n")
+        if prompts * n > self.max_waiting:
+            raise BadRequest(f"{prompts} prompt(s) × n={n} is {prompts * n} choices, more than this server ever "
+                             f"queues ({self.max_waiting}, --max-waiting); send them in smaller batches",
+                             "prompt" if prompts > 1 else "n")
+
     def encode(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise BadRequest("this model has no tokenizer; send token ids", param)
-            try:  # a character the tokenizer drops (a closed vocabulary): the model would see other text
-                ids = encode_prompts(self.tokenizer, [prompt])[0]
-            except ValueError as err:
-                raise BadRequest(str(err), param) from None
+            ids = self._tokenize(prompt, param)
         else:
+            if len(prompt) >= self.max_len:
+                raise BadRequest(f"the prompt is {len(prompt)} tokens; this server's context is {self.max_len} "
+                                 "tokens, prompt and completion: shorten it", param)
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.vocab]
             if bad:
                 raise BadRequest(f"token id {bad[0]} is outside the vocabulary of {self.vocab} tokens", param)
         if not ids:
             raise BadRequest("the prompt is empty; give at least one token", param)
+        if len(ids) >= self.max_len:
+            raise BadRequest(f"the {param} is {len(ids)} tokens; this server's context is {self.max_len} tokens, "
+                             "prompt and completion: shorten it", param)
         return ids
 
+    def _tokenize(self, text: str, param: str) -> list[int]:
+        if self.tokenizer is None:
+            raise BadRequest("this model has no tokenizer; send token ids", param)
+        size = len(text.encode("utf-8"))
+        if size > self.max_prompt_bytes:  # certainly more tokens than the context holds: not worth tokenizing
+            raise BadRequest(f"the {param} is {size} bytes; this server takes at most {self.max_prompt_bytes} "
+                             "(--max-prompt-bytes): shorten it", param)
+        try:  # a character the tokenizer drops (a closed vocabulary): the model would see other text
+            return encode_prompts(self.tokenizer, [text])[0]
+        except ValueError as err:
+            raise BadRequest(str(err), param) from None
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        import jinja2
+
         tok = self.tokenizer
         template = self.chat_template or getattr(tok, "chat_template", None)
         if tok is None or not template:
             raise BadRequest("this model has no chat template; use /v1/completions, or start the server with "
                              "--chat-template FILE", "messages")
-        return tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        try:
+            return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                           add_generation_prompt=True)
+        except jinja2.TemplateError as err:  # the template refuses these messages (e.g. roles must alternate)
+            raise BadRequest(f"the chat template refuses these messages: {err}", "messages") from None
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
@@ -123,8 +204,10 @@ class Service:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def params(self, body: Any, prompt_len: int, default_max: int | None) -> RequestParams:
-        """The engine settings of a request body (its fields already range-checked)."""
+    def params(self, body: Any, prompts: list[list[int]], default_max: int | None) -> RequestParams:
+        """The engine settings of a request body (its fields already range-checked), checked
+        against the engine with each of its prompts."""
+        prompt_len = max(map(len, prompts))
         budget = body.budget() or default_max or (self.max_len - prompt_len)
         if prompt_len + budget > self.max_len:
             raise BadRequest(f"the prompt ({prompt_len} tokens) plus max_tokens ({budget}) is {prompt_len + budget} "
@@ -144,18 +227,27 @@ class Service:
         gamma = self.scheduler.spec.gamma
         if body.gamma is not None and body.gamma > gamma:
             raise BadRequest(f"gamma={body.gamma} is more than this server's speculative γ = {gamma}", "gamma")
-        return RequestParams(max_tokens=budget, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                             min_tokens=body.min_tokens, stop_ids=self.default_stop_ids,
-                             stop_strings=tuple(body.stop), lam=lam, mode=body.mode, continue_ids=cont,
-                             seed=body.seed if body.seed is not None else int(time.time_ns() % (2**31)),
-                             gamma=body.gamma)
+        params = RequestParams(max_tokens=budget, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                               min_tokens=body.min_tokens, stop_ids=self.default_stop_ids,
+                               stop_strings=tuple(body.stop), lam=lam, mode=body.mode, continue_ids=cont,
+                               seed=body.seed if body.seed is not None else int(time.time_ns() % (2**31)),
+                               gamma=body.gamma)
+        for ids in prompts:
+            self.validate(ids, params)
+        return params
+
+    def validate(self, ids: list[int], params: RequestParams) -> None:
+        """The engine's own check (the scheduler runs it again as a request enters), as a 400."""
+        try:
+            validate_request(ids, params, self.scheduler.limits)
+        except ParamError as err:
+            raise BadRequest(str(err), err.field) from None
 
     def submit(self, prompts: list[list[int]], params: RequestParams, n: int) -> tuple[str, list[Choice]]:
         """Queues n choices per prompt (choice i of prompt p draws from stream (seed, p, i))."""
         if not self.accepting:
             raise QueueFull("the server is shutting down")
-        if n > self.slots:
-            raise BadRequest(f"n={n} is more than this server's {self.slots} slots", "n")
+        self.check_batch(len(prompts), n)
         loop = asyncio.get_running_loop()
         choices = []
         for p, ids in enumerate(prompts):
@@ -165,7 +257,7 @@ class Service:
                 req.on_update = lambda u, q=updates: loop.call_soon_threadsafe(q.put_nowait, u)
                 choices.append(Choice(len(choices), req, updates))
         for c in choices:
-            self.scheduler.check(c.request)
+            self.validate(c.request.prompt_ids, c.request.params)
         with self._lock:
             if len(self.scheduler.queue) + len(choices) > self.max_waiting:
                 raise QueueFull(f"{len(self.scheduler.queue)} requests are waiting (at most {self.max_waiting})")
@@ -185,11 +277,13 @@ class Service:
                     self.metrics.ttft.observe(choice.first_token_at - choice.request.submitted)
                 yield update
                 if update.finish_reason is not None:
-                    self.metrics.finished(choice)
                     return
         finally:
             if not choice.request.finished:
                 choice.request.cancelled = True  # the engine frees its slot at the next decode call
+            if not choice.counted:  # a client that went away is counted too
+                choice.counted = True
+                self.metrics.finished(choice)
 
     async def wait(self, choice: Choice) -> Request:
         async for _ in self.updates(choice):

@@ -145,7 +145,7 @@ def test_64_concurrent_clients_each_get_their_own_answer_once(server):
     ({"model": "jaxrast", "prompt": "Q", "max_tokens": 5, "n": 99}, 400, "n"),
     ({"model": "jaxrast", "prompt": "Q", "max_tokens": 5, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": "jaxrast", "prompt": "Q", "max_tokens": 5, "lam": [1.0, 2.0]}, 400, "lam"),
-    ({"model": "jaxrast", "prompt": "Q" * 200, "max_tokens": 5}, 400, "max_tokens"),
+    ({"model": "jaxrast", "prompt": "Q" * 200, "max_tokens": 5}, 400, "prompt"),
     ({"model": "jaxrast", "prompt": [999999], "max_tokens": 5}, 400, "prompt"),
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, param):
@@ -167,7 +167,7 @@ def test_bad_chat_requests_get_openai_errors(server):
 
 def test_a_full_queue_answers_429_with_retry_after(server):
     url, service = server
-    limit, service.max_waiting = service.max_waiting, 1
+    limit, service.max_waiting = service.max_waiting, 4
     try:
         async def flood():
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -181,6 +181,9 @@ def test_a_full_queue_answers_429_with_retry_after(server):
         limited = [r for r in results if isinstance(r, openai.RateLimitError)]
         assert limited and all(r.response.headers.get("retry-after") for r in limited)
         assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, openai.RateLimitError)]
+        # more choices than the queue can ever hold: a 400 naming the field, not a 429 forever
+        code, err, _ = post(url + "/v1/completions", {"model": "jaxrast", "prompt": ["Q"] * 3, "n": 2, "max_tokens": 2})
+        assert code == 400 and err["error"]["param"] == "prompt" and "--max-waiting" in err["error"]["message"]
     finally:
         service.max_waiting = limit
     assert wait_until(lambda: get_json(url + "/health")["running"] == 0, 60)
