@@ -44,6 +44,7 @@ def error(status: int, message: str, kind: str, param: str | None = None, code: 
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+UNPARSED = "the request body could not be parsed: send a JSON object in UTF-8, nested at most a few hundred levels"
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 405, 408, 413, 429, 500, 503)}
 
 
@@ -116,10 +117,10 @@ def add_error_handlers(app: FastAPI, service: Service) -> None:
         if first.get("type") == "json_invalid":
             return error(400, f"the request body is not valid JSON ({first.get('msg')})", "invalid_request_error")
         param = loc[0] if loc else None  # the field as the client sent it; the message has the full path
+        where = ".".join(loc)
         message = first.get("msg", "invalid request")
         if first.get("type") == "missing":
-            message = "is required"
-        where = ".".join(loc)
+            return error(400, f"{where} is required", "invalid_request_error", param)
         return error(400, f"{where}: {message}" if where else message, "invalid_request_error", param)
 
     @app.exception_handler(BadRequest)
@@ -137,7 +138,8 @@ def add_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(HTTPException)  # Starlette's: FastAPI's 404 / 405 / body errors and ours
     async def http_error(_request, exc: HTTPException):
         kind, code = KINDS.get(exc.status_code, ("invalid_request_error", None))
-        return error(exc.status_code, str(exc.detail), kind, code=code, headers=exc.headers)
+        message = UNPARSED if exc.detail == "There was an error parsing the body" else str(exc.detail)  # FastAPI's
+        return error(exc.status_code, message, kind, code=code, headers=exc.headers)
 
     @app.exception_handler(RequestFailed)
     async def failed(_request, exc: RequestFailed):
