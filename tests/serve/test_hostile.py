@@ -31,7 +31,8 @@ NORMAL_TOKENS = 120
 MAX_BODY = 2**20
 MAX_LEN = 160
 SETTINGS = dict(base=f"{FAMILY}/m_base", pairs=((f"{FAMILY}/s_rl", f"{FAMILY}/s_base", 1.0),), max_slots=8,
-                max_len=MAX_LEN, steps_per_call=8, max_waiting=16, api_key=KEY, max_body_bytes=MAX_BODY)
+                max_len=MAX_LEN, steps_per_call=8, max_waiting=16, api_key=KEY, max_body_bytes=MAX_BODY,
+                read_timeout=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +106,13 @@ def send(url: str, route: str, body, headers: dict) -> tuple[int, dict]:
     return code, answer
 
 
-def send_headers_only(url: str, route: str, length: int) -> tuple[int, dict]:
-    """A POST that declares `length` bytes and sends none of them: the answer must not wait for them."""
+def send_headers_only(url: str, route: str, length: int, key: str = KEY, part: bytes = b"") -> tuple[int, dict]:
+    """A POST that declares `length` bytes and sends only `part` of them: the answer must not
+    wait for the rest."""
     host, port = urllib.parse.urlsplit(url).netloc.split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode())
+        sock.sendall(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode() + part)
         raw = b""
         while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < _length(raw):
             chunk = sock.recv(65536)
@@ -174,13 +176,17 @@ def test_hostile_requests_get_4xx_naming_the_field_and_normal_rows_come_back_who
     def every_hostile_request():
         answers = [send(url, route, body, headers) for _, route, body, headers, _, _ in HOSTILE]
         answers.append(send_headers_only(url, "/v1/completions", MAX_BODY + 1))  # refused unread
+        answers.append(send_headers_only(url, "/v1/completions", 10**12, key="nope"))  # the key before the body
+        answers.append(send_headers_only(url, "/v1/completions", 100, part=b'{"model": '))  # then it stalls
         return answers
 
     normal, answers = beside_normal_streams(url, every_hostile_request)
     assert normal == [(NORMAL_TOKENS, "length")] * 5
     for (what, _, _, _, status, param), (code, answer) in zip(HOSTILE, answers):
         assert_openai_error(code, answer, status, param, what)
-    assert_openai_error(*answers[-1], 413, None, "a body over --max-body-bytes")
+    assert_openai_error(*answers[-3], 413, None, "a body over --max-body-bytes")
+    assert_openai_error(*answers[-2], 401, None, "a wrong key with a body of a terabyte")
+    assert_openai_error(*answers[-1], 408, None, "a body that stalls past --read-timeout")
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], "a traceback in the log"
     assert get_json(url + "/health") == {"status": "ok", "slots": 8, "running": 0, "waiting": 0}
 

@@ -74,3 +74,19 @@ def test_serve_refuses_bad_settings_before_loading(capsys):
     assert "needs --base" in capsys.readouterr().err
     assert main(["serve", "--base", "x", "--max-slots", "0"]) == 2
     assert "--max-slots" in capsys.readouterr().err
+
+
+def test_an_exposed_server_needs_a_key_and_the_key_can_come_from_a_file(capsys, tmp_path, monkeypatch):
+    from jaxrast.cli import build_parser, main
+    from jaxrast.commands.serve import config_from_args
+
+    monkeypatch.delenv("JAXRAST_API_KEY", raising=False)
+    assert main(["serve", "--base", "x", "--host", "0.0.0.0"]) == 2  # refused before loading anything
+    assert "without an API key" in capsys.readouterr().err
+    assert main(["serve", "--base", "x", "--api-key-file", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "key").write_text("from-a-file\n")
+    args = build_parser().parse_args(["serve", "--base", "x", "--api-key-file", str(tmp_path / "key"),
+                                      "--max-body-bytes", "1000", "--read-timeout", "2"])
+    cfg = config_from_args(args)
+    assert (cfg.api_key, cfg.max_body_bytes, cfg.read_timeout) == ("from-a-file", 1000, 2.0)
