@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from jaxrast.commands.model_flags import add_config_and_models, add_loading_and_processes, add_speculative
 
@@ -67,6 +68,9 @@ def config_from_args(args: argparse.Namespace):
         if getattr(args, name):
             flags[name] = True
     api_key = args.api_key or _key_file(args.api_key_file) or os.environ.get(API_KEY_ENV) or None
+    if args.api_key:
+        print(f"jaxrast serve: warning: --api-key shows in `ps` to every user of this machine; prefer ${API_KEY_ENV} "
+              "or --api-key-file", file=sys.stderr)
     if api_key:
         flags["api_key"] = api_key
     return replace(load_config(ServeConfig, args.config, args.set), **flags)

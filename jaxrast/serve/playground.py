@@ -29,7 +29,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from jaxrast.serve.protocol import Text
+from jaxrast.serve.protocol import Text, Texts
 from jaxrast.serve.service import BadRequest, Service
 
 TOY = "toy"  # the toy chain task's held-out problems (the demo's data seed)
@@ -43,10 +43,10 @@ STATIC = {"playground.js": "text/javascript; charset=utf-8", "shift.js": "text/j
 
 
 class GradeRequest(BaseModel):
-    completions: list[Text] = Field(min_length=1, max_length=MAX_COMPLETIONS)
+    completions: list[Text] = Field(min_length=1, max_length=MAX_COMPLETIONS, fail_fast=True)
     source: Text | None = None  # "toy" or a shipped benchmark, with `id`
     id: Text | None = None
-    gold: Text | list[Text] | None = Field(None, max_length=MAX_COMPLETIONS)  # or the gold answer itself
+    gold: Text | Texts | None = Field(None, max_length=MAX_COMPLETIONS)  # or the gold answer itself
 
     model_config = ConfigDict(extra="ignore")
 

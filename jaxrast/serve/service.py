@@ -175,7 +175,7 @@ class Service:
             raise BadRequest("this model has no tokenizer; send token ids", param)
         size = len(text.encode("utf-8"))
         if size > self.max_prompt_bytes:  # certainly more tokens than the context holds: not worth tokenizing
-            raise BadRequest(f"the {param} is {size} bytes; this server takes at most {self.max_prompt_bytes} "
+            raise BadRequest(f"the {param} text is {size} bytes; this server takes at most {self.max_prompt_bytes} "
                              "(--max-prompt-bytes): shorten it", param)
         try:  # a character the tokenizer drops (a closed vocabulary): the model would see other text
             return encode_prompts(self.tokenizer, [text])[0]
