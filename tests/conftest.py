@@ -38,3 +38,12 @@ def ckpt_dir(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core, at most one per 6 GiB of memory
+    (a worker holding 8 fake devices' decoding programs peaks near 6 GiB), at most 4 (the
+    suite's longest file sets the floor beyond that)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 6 << 30
+    return max(1, min(cores, memory // (6 << 30), 4))

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from jaxrast.serve import playground, responses
 from jaxrast.serve.guard import Guard, Limits
 from jaxrast.serve.protocol import (
+    ERRORS,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -45,7 +46,6 @@ def error(status: int, message: str, kind: str, param: str | None = None, code: 
 
 
 UNPARSED = "the request body could not be parsed: send a JSON object in UTF-8, nested at most a few hundred levels"
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 405, 408, 413, 429, 500, 503)}
 
 
 def openapi_responses(ok: type) -> dict:

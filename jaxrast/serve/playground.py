@@ -29,7 +29,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from jaxrast.serve.protocol import Text, Texts
+from jaxrast.serve.protocol import ERRORS, Text, Texts
 from jaxrast.serve.service import BadRequest, Service
 
 TOY = "toy"  # the toy chain task's held-out problems (the demo's data seed)
@@ -160,8 +160,6 @@ def router(service: Service, pool=None) -> APIRouter:
         if name not in STATIC:
             raise HTTPException(404, f"no static file {name!r}")
         return Response(_static(name), media_type=STATIC[name], headers=page)
-
-    from jaxrast.serve.app import ERRORS
 
     v1 = APIRouter(prefix="/v1/rast", responses=ERRORS)
 

@@ -262,6 +262,10 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+# the error answers every /v1 route documents in its OpenAPI schema
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 405, 408, 413, 429, 500, 503)}
+
+
 def finite_or_none(x: float) -> float | None:
     """JSON has no NaN: a non-finite statistic is sent as null."""
     return x if math.isfinite(x) else None
