@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from jaxrast.models.kv_cache import KVCache
 from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.combine import lam_schedule
+from jaxrast.rast.detokenize import TextStream
 from jaxrast.rast.engine import stream_keys
 from jaxrast.rast.ensemble import Ensemble, Pair
 from jaxrast.rast.params import Completion, SamplingParams, by_prompt
-from jaxrast.rast.requests import find_stop_string
 from jaxrast.rast.sampling import draw_probs, row_entropies, sample_rows, softmax_entropy
 
 row_keys = jax.jit(stream_keys)
@@ -273,7 +273,9 @@ class StaticBatches:
                 out, length = jax.device_get((state.out, state.length))
                 for r in range(real):
                     if r not in cut:
-                        hit = find_stop_string(self._decode_text, out[r, :length[r]].tolist(), params.stop_strings)
+                        text = TextStream(self._decode_text, params.stop_strings)  # the whole row as one call
+                        text.extend(out[r, :length[r]].tolist())
+                        hit = text.stop_in_call()
                         if hit is not None:
                             cut[r], done[r] = hit, True
                 state = state.replace(done=jnp.asarray(done))

@@ -164,6 +164,7 @@ class Request:
     finish_reason: str | None = None
     cancelled: bool = False
     shown: int = 0  # characters of the text already streamed
+    detok: Any = None  # its `TextStream` once it has tokens (jaxrast.rast.detokenize)
     submitted: float = 0.0  # time.perf_counter() when queued (latency metrics)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -178,45 +179,6 @@ def default_stop_ids(tokenizer, stop_token_ids: Sequence[int] | None = None) -> 
         return tuple(int(t) for t in stop_token_ids)
     eos = None if tokenizer is None else tokenizer.eos_token_id
     return () if eos is None else (int(eos),)
-
-
-def find_stop_string(decode: Callable[[list[int]], str], ids: Sequence[int], stops: Sequence[str],
-                     after_tokens: int = 0) -> tuple[int, str] | None:
-    """(tokens up to and including the one completing the first stop string, the text
-    before it), or None. Only occurrences completed after the first `after_tokens` tokens
-    count (min_tokens)."""
-    if not stops or len(ids) <= after_tokens:
-        return None
-    text = decode(list(ids))
-    floor = len(decode(list(ids[:after_tokens]))) if after_tokens else 0
-    found = [i for s in stops for i in [text.find(s, max(0, floor - len(s) + 1))] if i >= 0]
-    if not found:
-        return None
-    first = min(found)
-    lo, hi = max(1, after_tokens + 1), len(ids)  # the smallest prefix whose text holds that stop string
-    while lo < hi:
-        mid = (lo + hi) // 2
-        head = decode(list(ids[:mid]))
-        if any(0 <= head.find(s, max(0, floor - len(s) + 1)) <= first for s in stops):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo, text[:first]
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters a stream must hold back: a partial character (the
-    tokenizer's U+FFFD while a multi-byte character is incomplete) or the start of a stop
-    string, which must never be shown if the stop string completes."""
-    keep = 0
-    if text.endswith("\ufffd"):
-        keep = len(text) - len(text.rstrip("\ufffd"))
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), keep, -1):
-            if text.endswith(s[:n]):
-                keep = n
-                break
-    return keep
 
 
 def settings_arrays(requests: Sequence[Request], *, pairs: int, default_lam: np.ndarray, max_stop_ids: int,

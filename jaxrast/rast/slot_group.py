@@ -9,8 +9,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxrast.rast.detokenize import TextStream
 from jaxrast.rast.engine import Engine
-from jaxrast.rast.requests import Request, Update, find_stop_string, held_back, settings_arrays
+from jaxrast.rast.requests import Request, Update, settings_arrays
 from jaxrast.rast.token_rules import Record
 from jaxrast.runtime.distributed import host_array
 
@@ -183,11 +184,13 @@ class SlotGroup:
                 req.top_logprobs += [list(zip(ids.tolist(), vals.tolist()))
                                      for ids, vals in zip(out.top_ids[slot, :n], out.top_logprobs[slot, :n])]
             reason, text = None, None
+            if req.detok is None:
+                req.detok = TextStream(self.decode_text, req.params.stop_strings)
+            req.detok.extend(new)
             if req.cancelled:
                 reason = "cancelled"
             elif n and req.params.stop_strings:
-                hit = find_stop_string(self.decode_text, req.token_ids, req.params.stop_strings,
-                                       after_tokens=req.params.min_tokens)
+                hit = req.detok.stop_in_call(after_tokens=req.params.min_tokens)
                 if hit is not None:
                     count, text = hit
                     del req.token_ids[count:], req.logprobs[count:], req.entropies[count:], req.top_logprobs[count:]
@@ -207,16 +210,17 @@ class SlotGroup:
     def _stream(self, req: Request, new: list[int], n: int) -> None:
         if req.on_update is None:
             return
-        text = self.decode_text(req.token_ids)
-        safe = len(text) - held_back(text, req.params.stop_strings)
-        update = Update(new, text[req.shown:safe] if safe > req.shown else "",
+        safe = req.detok.safe_end()
+        update = Update(new, req.detok.text_between(req.shown, safe) if safe > req.shown else "",
                         req.logprobs[-n:] if self.record.logprobs else [])
         req.shown = max(req.shown, safe)
         req.on_update(update)
 
     def finish(self, req: Request, reason: str, text: str | None) -> Request:
         """text: the text before a stop string (None: all of the tokens' text)."""
-        req.text = self.decode_text(req.token_ids) if text is None else text
+        if text is None:
+            text = req.detok.text() if req.detok is not None else self.decode_text(req.token_ids)
+        req.text = text
         req.finish_reason = reason
         if req.on_update is not None:
             rest = req.text[req.shown:]
