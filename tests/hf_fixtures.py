@@ -39,9 +39,11 @@ def hf_config(kind: str = "qwen2", *, vocab: int = 64, hidden: int = 64, layers:
     return LlamaConfig(**common, rope_parameters=rope, attention_bias=bias, mlp_bias=bias)
 
 
-def make_checkpoint(directory: str, kind: str = "qwen2", seed: int = 0, **kw) -> str:
+def make_checkpoint(directory: str, kind: str = "qwen2", seed: int = 0, adds_bos: bool = False,
+                    chat_template: str | None = None, **kw) -> str:
     """Builds a random `*ForCausalLM`, randomises biases and norms too, and saves it with a
-    character tokenizer (fewer tokens than `vocab`, so the embedding is padded)."""
+    character tokenizer (fewer tokens than `vocab`, so the embedding is padded); `adds_bos`:
+    the tokenizer puts its BOS before every text it encodes (as Llama 3's does)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -57,6 +59,11 @@ def make_checkpoint(directory: str, kind: str = "qwen2", seed: int = 0, **kw) ->
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     tok = char_tokenizer(CHARS)
+    if adds_bos:
+        from tokenizers import processors
+        tok._tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    tok.chat_template = chat_template
     assert len(tok) <= cfg.vocab_size
     tok.save_pretrained(directory)
     return directory

@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+from jaxrast.data.prompts import adds_special_tokens, encode_prompts
+
 
 @dataclasses.dataclass
 class Trajectory:
@@ -22,7 +24,8 @@ class Trajectory:
         return f"{self.id}#{self.sample}"
 
 
-def _row_ids(row: Mapping[str, Any], ids_key: str, text_key: str, tokenizer, where: str) -> list[int]:
+def _row_ids(row: Mapping[str, Any], ids_key: str, text_key: str, tokenizer, where: str,
+             special_tokens: bool = False) -> list[int]:
     if ids_key in row:
         return [int(t) for t in row[ids_key]]
     if text_key not in row:
@@ -30,7 +33,7 @@ def _row_ids(row: Mapping[str, Any], ids_key: str, text_key: str, tokenizer, whe
                          "output (prompt + completion, or prompt_ids + token_ids).")
     if tokenizer is None:
         raise ValueError(f"{where} holds text only; pass a tokenizer to re-tokenize it.")
-    return list(tokenizer(row[text_key], add_special_tokens=False)["input_ids"])
+    return encode_prompts(tokenizer, [row[text_key]], special_tokens=special_tokens)[0]
 
 
 def read_trajectories(path: str, tokenizer=None, *, limit: int | None = None) -> list[Trajectory]:
@@ -55,7 +58,10 @@ def read_trajectories(path: str, tokenizer=None, *, limit: int | None = None) ->
             except json.JSONDecodeError:
                 raise ValueError(f"{path}:{lineno} is not valid JSON; repair or remove the line.") from None
             where = f"{path}:{lineno}"
-            prompt = _row_ids(row, "prompt_ids", "prompt", tokenizer, where)
+            # the prompt's ids as decoding made them: special tokens as the tokenizer adds them,
+            # unless a chat template wrote its own
+            prompt = _row_ids(row, "prompt_ids", "prompt", tokenizer, where,
+                              special_tokens=adds_special_tokens(row.get("prompt_template", "")))
             if not prompt:
                 raise ValueError(f"{where} has an empty prompt; its first token has no prefix to predict it from.")
             out.append(Trajectory(prompt, _row_ids(row, "token_ids", "completion", tokenizer, where),

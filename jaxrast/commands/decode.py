@@ -14,12 +14,14 @@ EPILOG = """examples:
                  --dataset math500 --n 8 --out runs/rast.jsonl
   jaxrast decode --config configs/decode_qwen2.5_7b_rast.yaml --set n=32 --set out=runs/x.jsonl
   jaxrast decode --base base/ --mode base --dataset my.jsonl --prompt-template '{question}' --temperature 0
+  jaxrast decode --base HuggingFaceTB/SmolLM2-135M-Instruct --mode base --dataset gsm8k --limit 4 \
+                 --prompt-template chat --system 'Reason step by step.' --temperature 0
 """
 
 # CLI flag -> DecodeConfig field (flags left unset keep the YAML/default value)
 _FLAGS = ("base", "mode", "dataset", "limit", "prompt_template", "temperature", "top_p", "top_k", "n",
           "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "dtype", "mesh", "trace_top_k", "trace_out",
-          "min_tokens", "continue_text", "speculative", "speculative_mode")
+          "min_tokens", "continue_text", "speculative", "speculative_mode", "system", "max_prompt_bytes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mode", choices=("auto", "base", "rl", "rast"), help="base: base alone; rl: the first pair's RL model alone")
     add("--dataset", help="benchmark name (math500, gsm8k, ...) or a JSONL file with id and question")
     add("--limit", type=int, help="decode only the first N rows")
-    add("--prompt-template", help="'paper' (default), 'qwen_boxed' or a format string, e.g. '{question}'")
+    add("--prompt-template", help="'paper' (default), 'qwen_boxed', 'chat' (the tokenizer's chat template, the "
+                                  "question as the user turn) or a format string, e.g. '{question}'")
+    add("--system", metavar="TEXT", help="with --prompt-template chat: the system turn")
+    add("--max-prompt-bytes", type=int, metavar="N",
+        help="refuse longer prompts before tokenizing (default: more than the context's tokens can spell)")
     add("--temperature", type=float, help="0 = greedy (default 1.0)")
     add("--top-p", type=float, help="nucleus mass (default 0.95)")
     add("--top-k", type=int, help="0 = off")

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, Literal
 from pydantic import Field
 
 from jaxrast.data.jsonl import OutputFile, prompt_hash, shared_from_main
-from jaxrast.data.prompts import encode_prompts, get_template, render
+from jaxrast.data.prompts import CHAT, adds_special_tokens, encode_prompts, get_template, longest_token_bytes, render
 from jaxrast.models.table import ModelTable, checkpoint_key
 from jaxrast.runtime.config import Finite, Fraction, NonNegative, Positive, Texts, config_dataclass
 from jaxrast.runtime.distributed import is_main, on_every_process, process_count
@@ -33,7 +33,9 @@ class DecodeConfig:
     dataset: str = "math500"  # benchmark name or JSONL file with id + question
     fields: dict[str, str] | None = None  # field map for a custom dataset (see jaxrast.data.rows.FieldMap)
     limit: Positive | None = None  # first N rows only
-    prompt_template: str = "paper"  # "paper", "qwen_boxed" or a format string over the row
+    prompt_template: str = "paper"  # "paper", "qwen_boxed", "chat" (the tokenizer's) or a format string over the row
+    system: str | None = None  # with prompt_template "chat": the system turn
+    max_prompt_bytes: Positive | None = None  # longer prompts are refused (default: more than the context can hold)
     temperature: Annotated[Finite, Field(ge=0)] = 1.0  # 0: greedy
     top_p: Fraction = 0.95
     top_k: NonNegative = 0  # 0: off
@@ -108,17 +110,18 @@ def encode_checked(cfg: DecodeConfig, mode: str, rows: list[dict], prompts: list
     on: degraded text, and memory sized for positions that do not exist). Reads only the
     config.json files and the first model's tokenizer (the one decoding uses)."""
     from jaxrast.models.config import ModelConfig
-    from jaxrast.models.hf import load_tokenizer, resolve_checkpoint
+    from jaxrast.models.hf import resolve_checkpoint
 
     paths = [str(p) for p in decode_model_paths(cfg, mode)]
-    dirs = [resolve_checkpoint(p) for p in paths]
-    limits = [ModelConfig.from_file(d).max_position_embeddings for d in dirs]
-    tok = load_tokenizer(dirs[0])
+    limits = [ModelConfig.from_file(resolve_checkpoint(p)).max_position_embeddings for p in paths]
+    tok = decode_tokenizer(cfg, mode)
     if tok is None:
         return None  # decoding refuses it with its own message
-    prompt_ids = encode_prompts(tok, prompts)  # once: decoding and --save-token-ids share them
-    lengths = [len(ids) for ids in prompt_ids]
     limit = min(limits)
+    # once: decoding and --save-token-ids share them; a prompt that cannot fit is refused untokenized
+    prompt_ids = encode_prompts(tok, prompts, special_tokens=adds_special_tokens(get_template(cfg.prompt_template)),
+                                max_bytes=cfg.max_prompt_bytes or limit * longest_token_bytes(tok))
+    lengths = [len(ids) for ids in prompt_ids]
     model = paths[limits.index(limit)]
     over = [(r["id"], n) for r, n in zip(rows, lengths) if n + cfg.max_new_tokens > limit]
     if over:
@@ -130,6 +133,20 @@ def encode_checked(cfg: DecodeConfig, mode: str, rows: list[dict], prompts: list
                          f"plus --max-new-tokens {cfg.max_new_tokens} = {n + cfg.max_new_tokens} positions, beyond "
                          f"max_position_embeddings = {limit} of {model}; {fix}.")
     return prompt_ids
+
+
+def decode_tokenizer(cfg: DecodeConfig, mode: str):
+    """The tokenizer decoding uses (the first model's; None without tokenizer files), read
+    before any model loads."""
+    from jaxrast.models.hf import load_tokenizer, resolve_checkpoint
+
+    return load_tokenizer(resolve_checkpoint(str(decode_model_paths(cfg, mode)[0])))
+
+
+def render_prompts(cfg: DecodeConfig, mode: str, template: str, rows: list[dict]) -> list[str]:
+    """Each row's prompt text; the chat template is the first model's tokenizer's."""
+    tok = decode_tokenizer(cfg, mode) if template == CHAT else None
+    return [render(template, r, tok, cfg.system) for r in rows]
 
 
 def decode_model_paths(cfg: DecodeConfig, mode: str) -> list[str]:
@@ -170,7 +187,7 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None,
     lam_schedule(cfg.lam_schedule)  # a bad schedule is named now, not after the models load
     rows = on_every_process(lambda: load_rows(cfg.dataset, cfg.fields, require_answer=False), "reading the dataset")
     rows = rows[: cfg.limit]
-    prompts = [render(template, r) for r in rows]
+    prompts = render_prompts(cfg, mode, template, rows)
     benchmark = canonical_name(cfg.dataset) if cfg.fields is None and is_benchmark(cfg.dataset) else None
     lams = [float(p[2]) for p in cfg.pairs] if mode == "rast" else []
     # checked before any model is loaded
@@ -185,6 +202,8 @@ def run_decode(cfg: DecodeConfig, progress: bool | None = None,
            "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop),
            "lam_schedule": cfg.lam_schedule if mode == "rast" else None, "prompt_template": template,
            "models": _resolved_models(models), "min_tokens": cfg.min_tokens, "continue_text": cfg.continue_text}
+    if template == CHAT:  # recorded only where it shapes the prompt: older files resume as they are
+        run["system"] = cfg.system
     output = OutputFile(cfg.out) if is_main() else None
     by_id = {r["id"]: p for r, p in zip(rows, prompts)}
 

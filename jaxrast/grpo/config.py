@@ -33,7 +33,8 @@ class DataSpec:
     source: str = ""  # benchmark name, .jsonl file, `datasets` directory or hub name
     fields: dict[str, str | None] = field(default_factory=dict)  # FieldMap: id/question/answer/answer_format
     split: str = "train"  # split of a `datasets` source
-    template: str = "paper"  # prompt template name or format string over row fields
+    template: str = "paper"  # prompt template name ("chat": the tokenizer's) or format string over row fields
+    system: str | None = None  # with template "chat": the system turn
     max_prompt_tokens: Positive = 512  # longer prompts are dropped (with a warning)
     shuffle: bool = True  # visit rows in a seeded random order, re-shuffled every epoch
 

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxrast.data.prompts import encode_prompts, get_template, render
+from jaxrast.data.prompts import adds_special_tokens, encode_prompts, get_template, render
 from jaxrast.grpo.batch import (
     PromptStream,
     RolloutArrays,
@@ -81,8 +81,8 @@ class GRPOTrainer:
         self.mesh = mesh if mesh is not None else mesh_of(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         self.policy, self.tokenizer, self.rewards = shard_model(policy, self.mesh), tokenizer, list(rewards)
         template = get_template(cfg.data.template)
-        texts = [render(template, row) for row in rows]
-        encoded = encode_prompts(tokenizer, texts)
+        texts = [render(template, row, tokenizer, cfg.data.system) for row in rows]
+        encoded = encode_prompts(tokenizer, texts, special_tokens=adds_special_tokens(template))  # as decode does
         kept = usable_prompts(encoded, cfg.data.max_prompt_tokens)
         self.prompt_ids = [encoded[i] for i in kept]
         self.rows, self.prompts = [rows[i] for i in kept], [texts[i] for i in kept]

@@ -212,18 +212,37 @@ def _load_pickle_weights(directory: str) -> dict[str, np.ndarray]:
     return out
 
 
+def generation_eos_ids(directory: str) -> tuple[int, ...]:
+    """The eos ids of the checkpoint's `generation_config.json` (one id or a list, e.g. an
+    instruct model's end-of-turn as well as its eos); () without one."""
+    path = os.path.join(directory, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("eos_token_id")
+    except FileNotFoundError:
+        return ()
+    except (OSError, ValueError, AttributeError) as err:  # unreadable, not JSON, not an object
+        raise ValueError(f"{path} cannot be read as a generation config ({err}); repair or remove it.") from None
+    ids = value if isinstance(value, list) else [value]
+    return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0)
+
+
 def load_tokenizer(directory: str):
-    """transformers' AutoTokenizer from `directory`, or None (with a warning) if it has none."""
+    """transformers' AutoTokenizer from `directory`, or None (with a warning) if it has none.
+    The checkpoint's generation eos ids ride along as `generation_eos_ids`: every command's
+    default stop ids (`jaxrast.rast.requests.default_stop_ids`) come from the tokenizer."""
     if not any(os.path.exists(os.path.join(directory, n)) for n in _TOKENIZER_FILES):
         warnings.warn(f"{directory} has no tokenizer files; returning tokenizer=None.", stacklevel=3)
         return None
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - any failure reading the user's files is named, not a traceback
         detail = next((line.strip()[:200] for line in str(err).splitlines() if line.strip()), "")
         raise ValueError(f"{directory}: its tokenizer files cannot be read ({type(err).__name__}: {detail}); "
                          "re-download the checkpoint or re-save its tokenizer.") from None
+    tok.generation_eos_ids = generation_eos_ids(directory)
+    return tok
 
 
 def check_tokenizers_compatible(base_tok, other_tok, name: str, base_name: str = "the base model") -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxrast.data.prompts import encode_prompts
 from jaxrast.models.attention_backend import AttentionBackend
 from jaxrast.models.hf import check_tokenizers_compatible
 from jaxrast.models.transformer import CausalLM
@@ -120,13 +121,15 @@ class RAST:
         """The attention backend in use."""
         return self.scheduler.attention
 
-    def _encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    def _encode(self, prompts: Sequence[str | Sequence[int]], special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of text prompts (`encode_prompts`: the tokenizer's default special tokens
+        unless `special_tokens=False`) and of id lists."""
         out = []
         for p in prompts:
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise ValueError("text prompts need a tokenizer; pass tokenizer= or token id lists.")
-                ids = self.tokenizer(p, add_special_tokens=False)["input_ids"]
+                ids = encode_prompts(self.tokenizer, [p], special_tokens=special_tokens)[0]
             else:
                 ids = [int(t) for t in p]
             if not ids:
@@ -144,7 +147,8 @@ class RAST:
         """
         encoded = self._encode(prompts)
         row_ids = list(range(len(encoded))) if row_ids is None else [int(r) for r in row_ids]
-        cont = tuple(self._encode([params.continue_text])[0]) if params.continue_text else ()
+        # a continuation is mid-sequence: no BOS
+        cont = tuple(self._encode([params.continue_text], special_tokens=False)[0]) if params.continue_text else ()
         stop_ids = default_stop_ids(self.tokenizer, params.stop_token_ids)
         sched = self.scheduler
         base = RequestParams(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,

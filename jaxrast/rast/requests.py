@@ -174,11 +174,13 @@ class Request:
 
 
 def default_stop_ids(tokenizer, stop_token_ids: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The token ids that end a row: the given ones, else the tokenizer's eos (none without one)."""
+    """The token ids that end a row: the given ones, else the tokenizer's eos and the eos ids
+    of the checkpoint's generation_config.json (`load_tokenizer` attaches them; none without)."""
     if stop_token_ids is not None:
         return tuple(int(t) for t in stop_token_ids)
     eos = None if tokenizer is None else tokenizer.eos_token_id
-    return () if eos is None else (int(eos),)
+    ids = ([] if eos is None else [eos]) + list(getattr(tokenizer, "generation_eos_ids", ()))
+    return tuple(dict.fromkeys(int(t) for t in ids))
 
 
 def settings_arrays(requests: Sequence[Request], *, pairs: int, default_lam: np.ndarray, max_stop_ids: int,

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Sequence
 
-from jaxrast.data.prompts import encode_prompts
+from jaxrast.data.prompts import chat_text, encode_prompts, longest_token_bytes
 from jaxrast.rast.decoding import make_scheduler
 from jaxrast.rast.engine import EngineSpec
 from jaxrast.rast.ensemble import Pair
@@ -59,15 +59,6 @@ class Choice:
     updates: asyncio.Queue
     first_token_at: float | None = None
     counted: bool = False  # in /metrics' finished requests (once, disconnected or not)
-
-
-def longest_token_bytes(tokenizer) -> int:
-    """The most UTF-8 bytes one token spells (a token's text in the vocabulary is at least
-    as long): a prompt of more than context × this many bytes cannot fit the context."""
-    try:
-        return max(len(t.encode("utf-8")) for t in tokenizer.get_vocab())
-    except (AttributeError, TypeError, ValueError):  # no tokenizer, or no vocabulary to read
-        return 64
 
 
 class Service:
@@ -140,7 +131,7 @@ class Service:
     def prepare_chat(self, body: Any) -> tuple[list[list[int]], RequestParams]:
         self.check_batch(1, body.n)
         text = self.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
-        ids = [self.encode(text, "messages")]
+        ids = [self.encode(text, "messages", special_tokens=False)]  # the template wrote its own
         return ids, self.params(body, ids, default_max=None)
 
     def check_batch(self, prompts: int, n: int) -> None:
@@ -152,9 +143,11 @@ class Service:
                              f"queues ({self.max_waiting}, --max-waiting); send them in smaller batches",
                              "prompt" if prompts > 1 else "n")
 
-    def encode(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
+    def encode(self, prompt: str | Sequence[int], param: str = "prompt", special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt (text, with the tokenizer's default special tokens unless
+        `special_tokens=False`, or ids), refused as `param` if it cannot fit the context."""
         if isinstance(prompt, str):
-            ids = self._tokenize(prompt, param)
+            ids = self._tokenize(prompt, param, special_tokens)
         else:
             if len(prompt) >= self.max_len:
                 raise BadRequest(f"the prompt is {len(prompt)} tokens; this server's context is {self.max_len} "
@@ -170,31 +163,23 @@ class Service:
                              "prompt and completion: shorten it", param)
         return ids
 
-    def _tokenize(self, text: str, param: str) -> list[int]:
+    def _tokenize(self, text: str, param: str, special_tokens: bool) -> list[int]:
         if self.tokenizer is None:
             raise BadRequest("this model has no tokenizer; send token ids", param)
-        size = len(text.encode("utf-8"))
-        if size > self.max_prompt_bytes:  # certainly more tokens than the context holds: not worth tokenizing
-            raise BadRequest(f"the {param} text is {size} bytes; this server takes at most {self.max_prompt_bytes} "
-                             "(--max-prompt-bytes): shorten it", param)
-        try:  # a character the tokenizer drops (a closed vocabulary): the model would see other text
-            return encode_prompts(self.tokenizer, [text])[0]
+        try:  # too many bytes for the context (before tokenizing), or a character the tokenizer drops
+            return encode_prompts(self.tokenizer, [text], special_tokens=special_tokens,
+                                  max_bytes=self.max_prompt_bytes)[0]
         except ValueError as err:
             raise BadRequest(str(err), param) from None
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        import jinja2
-
-        tok = self.tokenizer
-        template = self.chat_template or getattr(tok, "chat_template", None)
-        if tok is None or not template:
+        if self.tokenizer is None or not (self.chat_template or getattr(self.tokenizer, "chat_template", None)):
             raise BadRequest("this model has no chat template; use /v1/completions, or start the server with "
                              "--chat-template FILE", "messages")
         try:
-            return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                           add_generation_prompt=True)
-        except jinja2.TemplateError as err:  # the template refuses these messages (e.g. roles must alternate)
-            raise BadRequest(f"the chat template refuses these messages: {err}", "messages") from None
+            return chat_text(self.tokenizer, messages, self.chat_template)
+        except ValueError as err:  # the template refuses these messages (e.g. roles must alternate)
+            raise BadRequest(str(err), "messages") from None
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
@@ -223,7 +208,8 @@ class Service:
             lam = (float(lam),) * self.num_pairs
         if body.mode == "rl" and not self.num_pairs:  # ("rast" with no pairs is the base alone)
             raise BadRequest("mode 'rl' decodes the first pair's rl model, and this server has no pair", "mode")
-        cont = tuple(self.encode(body.continue_text, "continue_text")) if body.continue_text else ()
+        cont = (tuple(self.encode(body.continue_text, "continue_text", special_tokens=False))  # mid-sequence: no BOS
+                if body.continue_text else ())
         gamma = self.scheduler.spec.gamma
         if body.gamma is not None and body.gamma > gamma:
             raise BadRequest(f"gamma={body.gamma} is more than this server's speculative γ = {gamma}", "gamma")

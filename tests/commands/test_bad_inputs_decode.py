@@ -385,3 +385,20 @@ def test_a_peer_that_never_starts_is_reported_while_waiting_and_at_the_timeout(p
     assert "gave up waiting for process 1" in proc.stderr and "--distributed-timeout SECONDS" in proc.stderr
     assert "Traceback" not in proc.stderr and "Check failure" not in proc.stderr and not out.exists()
     assert snapshot(tmp_path) == {}
+
+
+def test_hostile_templates_and_oversized_prompts_are_refused_before_tokenizing(paths, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    err = assert_refused(rast(paths, out, "--prompt-template", "{question:>100000000}"),
+                         r"prompt template '\{question:>100000000\}'.*not a plain field", capsys)
+    assert len(err) < 1000
+    assert_refused(rast(paths, out, "--prompt-template", "{question.__class__}"), "not a plain field", capsys)
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(json.dumps({"id": "big", "question": "a" * 10_000_000}) + "\n")
+    err = assert_refused(rast({**paths, "data": str(huge)}, out), r"is 10000000 bytes, over the limit", capsys)
+    assert len(err) < 1000
+    long = tmp_path / "long.jsonl"  # 100,000 tokens of the character tokenizer
+    long.write_text(json.dumps({"id": "long", "question": "abc " * 25_000}) + "\n")
+    assert_refused(rast({**paths, "data": str(long)}, out), "bytes, over the limit", capsys)
+    assert_refused(rast({**paths, "data": str(long)}, out, "--max-prompt-bytes", "1000000"),
+                   "100000 prompt tokens.*beyond max_position_embeddings", capsys)

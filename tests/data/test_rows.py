@@ -129,3 +129,9 @@ def test_template_errors():
         get_template(r"\boxed{{}}")  # braces but no field: every prompt would be the same text
     with pytest.raises(ValueError, match="not a format string"):
         get_template("Q {question} }")
+    for hostile in ("{question:>100000000}", "{question!r}", "{question.__class__}", "{question[0]}", "{0}"):
+        with pytest.raises(ValueError, match="not a plain field"):  # a 100 MB prompt is never made
+            get_template(hostile)
+    assert get_template("chat") == "chat"
+    with pytest.raises(ValueError, match="needs the prompt template 'chat'"):
+        render("{question}", {"question": "q"}, system="be brief")
