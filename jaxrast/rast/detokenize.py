@@ -1,18 +1,19 @@
 """A row's text, grown one decode call at a time at O(1) host cost per token.
 
 Re-decoding a row's whole token list after every call costs O(n) per call, O(n²) per
-stream. Here each token decodes only a window: the tokens since the last complete
-character, after the tokens of the piece before them (context: a tokenizer may spell a
-token differently at the start of a decode, e.g. without its leading space). The stop-string
-search and the streamed pieces look only at the text's tail.
+stream. Here a call decodes only its own tokens (and any left from a partial character),
+after the previous call's tokens as context (a tokenizer may spell a token differently at
+the start of a decode, e.g. without its leading space): one decode per call in the common
+case. The stop-string search and the streamed pieces look only at the text's tail, and a
+stop string's token is located inside the call that completed it.
 """
 
 from __future__ import annotations
 
-import bisect
 from typing import Callable, Sequence
 
 PARTIAL = "\ufffd"  # what a tokenizer decodes an incomplete multi-byte character to
+MAX_PARTIAL_TOKENS = 4  # a character is at most 4 bytes: at most 4 tokens can hold one partly
 
 
 class TextStream:
@@ -24,35 +25,50 @@ class TextStream:
         self.keep = max(map(len, self.stops), default=1) - 1  # tail characters a stop string may start in
         self.pieces: list[str] = []  # the text, joined only when asked for whole
         self.length = 0
-        self.ends: list[int] = []  # text length after each token
-        self.window: list[int] = []  # tokens decoded together: context, then tokens not yet text
-        self.context = 0  # how many of `window` are context (their text is `context_text`)
+        self.tokens = 0  # tokens extended so far
+        self.context: list[int] = []  # the last complete tokens: decoded before new ones for their spelling
         self.context_text = ""
+        self.pending: list[int] = []  # tokens after the context whose text is not complete yet
         self.tail, self.tail_start = "", 0  # text[tail_start:]: the last call's text and `keep` before it
-        self.call_start = 0  # text length before the last call
+        self.floor: int | None = None  # text length at min_tokens tokens, once past them
+        # the last call: its text started at `call_start`; its tokens (pending ones first) at `call_first`
+        self.call_start, self.call_first = 0, 0
+        self.call_context, self.call_context_text, self.call_ids = [], "", []
 
     def extend(self, ids: Sequence[int]) -> None:
         """Adds a decode call's new tokens."""
-        self.call_start = self.length
-        added = []
-        for token in ids:
-            self.window.append(int(token))
-            text = self.decode(self.window)
-            if not text.endswith(PARTIAL):  # complete: the piece after the context is new text
-                added.append(text[len(self.context_text):])
-                self.length += len(added[-1])
-                self.window = self.window[self.context:]
-                self.context = len(self.window)
-                self.context_text = self.decode(self.window)
-            self.ends.append(self.length)
-        self.pieces += added
-        keep = self.tail[max(0, len(self.tail) - self.keep):]
-        self.tail = keep + "".join(added)
+        self.call_start, self.call_first = self.length, self.tokens - len(self.pending)
+        self.call_context, self.call_context_text = self.context, self.context_text
+        self.call_ids = new = self.pending + [int(t) for t in ids]
+        self.tokens += len(ids)
+        read, text = self._complete(new)
+        added = text[len(self.context_text):] if read else ""
+        if read:
+            self.context, self.pending = new[:read], new[read:]
+            self.context_text = self.decode(self.context)
+        else:
+            self.pending = new
+        self.pieces.append(added)
+        self.length += len(added)
+        self.tail = self.tail[max(0, len(self.tail) - self.keep):] + added
         self.tail_start = self.length - len(self.tail)
+
+    def _complete(self, new: list[int]) -> tuple[int, str]:
+        """(how many of `new` end on a complete character, the text of context + those)."""
+        for read in range(len(new), max(len(new) - MAX_PARTIAL_TOKENS, 0), -1):
+            text = self.decode(self.context + new[:read])
+            if not text.endswith(PARTIAL):
+                return read, text
+        return 0, self.context_text
+
+    def _call_text(self, count: int) -> str:
+        """The text of the last call's first `count` tokens (a partial character as the
+        tokenizer spells it, as decoding a row's whole prefix would)."""
+        return self.decode(self.call_context + self.call_ids[:count])[len(self.call_context_text):]
 
     def text(self) -> str:
         """All of the tokens' text; a trailing incomplete character as the tokenizer spells it."""
-        pending = self.decode(self.window)[len(self.context_text):] if self.context < len(self.window) else ""
+        pending = self.decode(self.context + self.pending)[len(self.context_text):] if self.pending else ""
         return "".join(self.pieces) + pending
 
     def text_between(self, start: int, end: int) -> str:
@@ -71,18 +87,24 @@ class TextStream:
         """(tokens up to and including the one completing the first stop string, the text
         before it), or None. Only occurrences completed in the last call (earlier ones
         ended the row then) and after the first `after_tokens` tokens (min_tokens) count."""
-        if not self.stops or len(self.ends) <= after_tokens:
+        if not self.stops or self.tokens <= after_tokens:
             return None
-        floor = self.ends[after_tokens - 1] if after_tokens else 0
+        if self.floor is None:  # the call that passed min_tokens: the text length there
+            self.floor = self.call_start + len(self._call_text(after_tokens - self.call_first)) if after_tokens else 0
         search_from = max(self.tail_start, self.call_start - self.keep)
-        found = []
-        for s in self.stops:
-            i = self.tail.find(s, max(search_from, floor - len(s) + 1) - self.tail_start)
-            if i >= 0:
-                found.append((i + self.tail_start, len(s)))
+        lows = [max(search_from, self.floor - len(s) + 1) - self.tail_start for s in self.stops]
+        found = [i for s, low in zip(self.stops, lows) for i in [self.tail.find(s, low)] if i >= 0]
         if not found:
             return None
-        first = min(i for i, _ in found)
-        end = first + min(n for i, n in found if i == first)  # the shortest stop string there ends first
-        count = max(bisect.bisect_left(self.ends, end) + 1, after_tokens + 1)
-        return count, "".join(self.pieces)[:first]
+        first = min(found)
+        before_call = self.tail[:self.call_start - self.tail_start]
+
+        def holds(count: int) -> bool:  # the text of the call's first `count` tokens holds a stop at `first`
+            head = before_call + self._call_text(count)
+            return any(0 <= head.find(s, low) <= first for s, low in zip(self.stops, lows))
+
+        lo, hi = max(1, after_tokens + 1 - self.call_first), len(self.call_ids)  # the completing token
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if holds(mid) else (mid + 1, hi)
+        return self.call_first + lo, "".join(self.pieces)[:self.tail_start + first]
