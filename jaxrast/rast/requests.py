@@ -1,5 +1,6 @@
-"""Requests to the engine and their host-side state: settings, tokens so far, the text a
-stream may show, stop strings, and how a finished request becomes a `Completion`."""
+"""Requests to the engine and their host-side state: settings and their validation, tokens
+so far, streamed updates, default stop ids and per-slot settings arrays (a row's text and
+stop strings: `jaxrast.rast.detokenize`)."""
 
 from __future__ import annotations
 
