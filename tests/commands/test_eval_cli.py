@@ -153,18 +153,19 @@ def test_eval_grades_long_synthetic_predictions_in_the_worker_pool(tmp_path):
     """The speed benchmark's input (benchmarks/eval_speed.py: MATH500 x samples of ~3 KB with
     mostly distinct answers), one sample per problem, through the default worker pool: every
     completion that ends in its gold box is correct, every "the answer is gold + k" is not.
-    Its speed is measured by the benchmark; the bound here (10x the benchmark's 5,000 in two
-    minutes, per prediction) only catches a grader that hangs or times out on every item."""
+    Its speed is measured by the benchmark. The judgement deadline is raised from 5 s to 60 s:
+    on a loaded machine a sound judgement can pass 5 s and be scored incorrect; the wall bound
+    (ten deadlines) only catches a grader that hangs."""
     spec = importlib.util.spec_from_file_location("eval_speed", ROOT / "benchmarks" / "eval_speed.py")
     eval_speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_speed)
     rows = eval_speed.synthetic_predictions(samples=1, chars=3000)
     path = write_jsonl(tmp_path / "big.jsonl", rows)
     start = time.monotonic()
-    assert run_cli("--pred", path, "--json", tmp_path / "big.json") == 0
+    assert run_cli("--pred", path, "--json", tmp_path / "big.json", "--timeout", 60) == 0
     elapsed = time.monotonic() - start
     print(f"{len(rows)} predictions graded in {elapsed:.1f}s")
-    assert elapsed < 10 * 120 * len(rows) / 5000
+    assert elapsed < 10 * 60
     report = json.loads((tmp_path / "big.json").read_text())
     gold = {r["id"]: r["answer"] for r in load_benchmark("math500")}
     verdicts = report["verdicts"]
