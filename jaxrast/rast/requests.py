@@ -165,7 +165,7 @@ class Request:
     finish_reason: str | None = None
     cancelled: bool = False
     shown: int = 0  # characters of the text already streamed
-    detok: Any = None  # its `TextStream` once it has tokens (jaxrast.rast.detokenize)
+    detok: Any = None  # its `TextStream` (jaxrast.rast.detokenize) once it has tokens, with stop strings or a stream
     submitted: float = 0.0  # time.perf_counter() when queued (latency metrics)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 

@@ -184,9 +184,10 @@ class SlotGroup:
                 req.top_logprobs += [list(zip(ids.tolist(), vals.tolist()))
                                      for ids, vals in zip(out.top_ids[slot, :n], out.top_logprobs[slot, :n])]
             reason, text = None, None
-            if req.detok is None:
-                req.detok = TextStream(self.decode_text, req.params.stop_strings)
-            req.detok.extend(new)
+            if req.params.stop_strings or req.on_update is not None:  # else the text is made once, at the end
+                if req.detok is None:
+                    req.detok = TextStream(self.decode_text, req.params.stop_strings)
+                req.detok.extend(new)
             if req.cancelled:
                 reason = "cancelled"
             elif n and req.params.stop_strings:
