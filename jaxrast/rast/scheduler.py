@@ -61,23 +61,6 @@ def _from_json(x):
     return x
 
 
-def _drop_out_of_vocab(group: SlotGroup, out) -> list[Request]:
-    """Ends, with finish reason "error", each request whose call sampled an id outside the
-    vocabulary (its logits were not finite): its text cannot be decoded, and its neighbours
-    in the call are unharmed, so only it ends."""
-    vocab, failed = group.engine.vocab, []
-    for slot, req in list(group.slots.items()):
-        new = out.tokens[slot, :int(out.count[slot])]
-        if new.size and (new.min() < 0 or new.max() >= vocab):
-            log.error("a request (row %d, sample %d) sampled token id %d outside the vocabulary of %d; it ends "
-                      "with an error", req.params.row_id, req.params.sample,
-                      int(new.max() if new.max() >= vocab else new.min()), vocab)
-            del group.slots[slot]
-            group.release[slot] = not out.finished[slot]  # still active on the device
-            failed.append(group.finish(req, "error", ""))
-    return failed
-
-
 class Scheduler:
     """Runs requests through slot groups. `run(requests)` decodes a known set of requests
     (each group on its own thread when there are several) and yields the finished ones."""
@@ -156,9 +139,7 @@ class Scheduler:
                 return []
             if self.leader:
                 broadcast_json(_as_json(plan))
-            out = group.execute(plan)
-            failed = _drop_out_of_vocab(group, out)
-            return failed + group.absorb(out)
+            return group.absorb(group.execute(plan))
         except Exception:
             for req in requests:
                 if not req.finished and req not in group.slots.values():

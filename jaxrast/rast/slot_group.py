@@ -3,6 +3,7 @@ stop strings, streamed text and finished requests (`jaxrast.rast.scheduler` driv
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Callable, Sequence
@@ -14,6 +15,8 @@ from jaxrast.rast.engine import Engine
 from jaxrast.rast.requests import Request, Update, settings_arrays
 from jaxrast.rast.token_rules import Record
 from jaxrast.runtime.distributed import host_array
+
+log = logging.getLogger("jaxrast.rast.slot_group")
 
 
 class Stats:
@@ -175,6 +178,14 @@ class SlotGroup:
         for slot, req in list(self.slots.items()):
             n = int(out.count[slot])
             new = out.tokens[slot, :n].tolist()
+            if new and (min(new) < 0 or max(new) >= self.engine.vocab):
+                # its logits were not finite: its text cannot be made, and only it ends (its
+                # neighbours in the call are unharmed)
+                bad = next(t for t in new if not 0 <= t < self.engine.vocab)
+                log.error("a request (row %d, sample %d) sampled token id %d outside the vocabulary of %d; it ends "
+                          "with an error", req.params.row_id, req.params.sample, bad, self.engine.vocab)
+                finished.append(self._end(slot, req, out, "error", ""))
+                continue
             req.token_ids += new
             if self.record.logprobs:
                 req.logprobs += out.logprobs[slot, :n].tolist()
@@ -199,14 +210,18 @@ class SlotGroup:
             if reason is None and out.finished[slot]:
                 reason = "stop" if out.stopped[slot] else "length"
             if reason is not None:
-                del self.slots[slot]
-                self.release[slot] = not out.finished[slot]  # still active on the device
-                finished.append(self.finish(req, reason, text))
+                finished.append(self._end(slot, req, out, reason, text))
             elif new:
                 self._stream(req, new, n)
         self.stats.record(out, finished=len(finished), slots=self.spec.max_slots,
                           speculative=self.last_speculative)
         return finished
+
+    def _end(self, slot: int, req: Request, out, reason: str, text: str | None) -> Request:
+        """Frees the slot (released on the device at the next call if still active there)."""
+        del self.slots[slot]
+        self.release[slot] = not out.finished[slot]
+        return self.finish(req, reason, text)
 
     def _stream(self, req: Request, new: list[int], n: int) -> None:
         if req.on_update is None:
