@@ -154,7 +154,7 @@ class RAST:
         base = RequestParams(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
                              top_k=params.top_k, min_tokens=params.min_tokens, stop_ids=stop_ids,
                              stop_strings=tuple(params.stop_strings), lam=tuple(float(x) for x in self.lams),
-                             continue_ids=cont, seed=params.seed)
+                             continue_ids=cont, seed=params.seed, prompt_logprobs=params.prompt_logprobs)
         requests = [Request(ids, dataclasses.replace(base, row_id=row_ids[i], sample=s), tag=(i, s))
                     for i, ids in enumerate(encoded) for s in range(params.n)]
         bar = tqdm(total=len(requests), desc="decoding", unit="row", disable=progress is False or
@@ -162,7 +162,8 @@ class RAST:
         t0, tokens, busy0, steps0 = time.perf_counter(), 0, sched.stats.busy_slot_steps, sched.stats.slot_steps
         for done in sched.run(requests, Record(logprobs=params.logprobs, entropies=params.entropies)):
             batch = [Completion(r.tag[0], r.tag[1], r.token_ids, r.text, r.finish_reason,
-                                r.logprobs if params.logprobs else [], r.entropies if params.entropies else [])
+                                r.logprobs if params.logprobs else [], r.entropies if params.entropies else [],
+                                r.prompt_logprobs)
                      for r in done]
             tokens += sum(c.num_tokens for c in batch)
             bar.update(len(batch))

@@ -100,6 +100,17 @@ class StepOutput:
     rounds: jax.Array  # [S] int32 speculative rounds the slot took part in
 
 
+@flax.struct.dataclass
+class PromptScores:
+    """Teacher-forced log-probs of admitted prompts under each row's own law (τ = 1,
+    unfiltered, like `StepOutput.logprobs`), from the prefill's forwards: position j of row b
+    scores the row's prompt token j + 1 (a prompt of P tokens has P - 1 scores)."""
+
+    logprobs: jax.Array  # [B, max_len] float32
+    top_ids: jax.Array  # [B, max_len, k] int32 the most likely tokens at each position
+    top_logprobs: jax.Array  # [B, max_len, k] float32 their log-probs
+
+
 def default_prefill_chunk() -> int:
     """Prompt tokens per prefill forward: 32 on CPU (a prompt wastes at most 31 padded
     positions), 256 on accelerators (a wide forward costs about what a narrow one does)."""
@@ -129,6 +140,21 @@ class EngineSpec:
             raise ValueError(f"EngineSpec.gamma must be >= 0, got {self.gamma}.")
 
 
+@flax.struct.dataclass
+class _OneSlot:
+    """The slot fields `slot_logits` reads, for one prompt being scored."""
+
+    lam: jax.Array  # [1, pairs]
+    rl_only: jax.Array  # [1]
+
+
+def _empty_scores(width: int, record: Record) -> tuple[jax.Array, ...]:
+    """One row's prompt-score buffers: log-probs [width] (and top ids, top log-probs [width, k])."""
+    k = record.top_logprobs
+    return (jnp.zeros((width,), jnp.float32),) + (
+        (jnp.zeros((width, k), jnp.int32), jnp.zeros((width, k), jnp.float32)) if k else ())
+
+
 class Engine:
     """Device programs over `spec.max_slots` slots of `models` (distinct, base first).
 
@@ -156,8 +182,8 @@ class Engine:
         shardings = self._shardings()
         # explicit output shardings on a mesh: the donated state comes back laid out as it
         # went in, so the next call reuses its buffers and its compiled program
-        self._admit = jax.jit(self._admit_impl, donate_argnums=(1,),
-                              out_shardings=None if shardings is None else shardings[0])
+        self._admit = jax.jit(self._admit_impl, donate_argnums=(1,), static_argnames=("score",),
+                              out_shardings=None if shardings is None else shardings)
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), out_shardings=shardings,
                                static_argnames=("gamma", "record"))
 
@@ -211,52 +237,92 @@ class Engine:
     # ---- admit: prefill + insert ------------------------------------------------------------
 
     def admit(self, state: DecodeState, tokens: np.ndarray, prefix: np.ndarray, slot_ids: np.ndarray,
-              settings: dict[str, np.ndarray]) -> DecodeState:
-        """Prefill `tokens` [B, max_len] (each row's prompt without its last token,
-        right-padded; `prefix` [B] real tokens) in every model and insert row b into slot
-        `slot_ids[b]` (`max_slots` for a padding row: dropped). settings: Slots fields for the
-        new rows, each [B, ...] (token = the prompt's last token)."""
-        return self._admit(self._states(), state, tokens, prefix, slot_ids, settings)
+              settings: dict[str, np.ndarray], rows: int, score: Record | None = None
+              ) -> tuple[DecodeState, PromptScores | None]:
+        """Prefill the first `rows` of `tokens` [B, max_len] (each row's prompt without its
+        last token, right-padded; `prefix` [B] real tokens) in every model and insert row b
+        into slot `slot_ids[b]` (`max_slots`: prefilled, not inserted: a prompt only scored).
+        settings: Slots fields for the new rows, each [B, ...] (token = the prompt's last
+        token). `score`: also teacher-force the prompts, recording `score.top_logprobs`
+        alternatives (one more compiled program); None: no scores."""
+        return self._admit(self._states(), state, tokens, prefix, slot_ids, settings, np.int32(rows), score=score)
 
-    def _prefill_row(self, models, tokens, prefix):
+    def _prefill_row(self, models, tokens, prefix, score=None, scores=()):
         """The caches ([1, ...] per model) of one prompt, `prefill_chunk` tokens per forward,
         through the engine's attention backend: a row's keys and values depend on its own
-        tokens only, whoever is admitted with it."""
+        tokens only, whoever is admitted with it. `score(start, logits, scores) -> scores`:
+        what each chunk's logits add to the row's prompt scores, starting from `scores`
+        (None: last position only)."""
         chunk = self.spec.prefill_chunk
-        width = -(-self.cache_len // chunk) * chunk  # whole chunks: a write never runs past the end
+        width = self._prefill_width()
         fresh = tuple(KVCache.init(m.cfg, 1, width, m.dtype, per_row=True, mask=True) for m in models)
 
-        def forward(j, caches):
+        def forward(j, carry):
+            caches, scores = carry
             start = j * chunk
             ids = jax.lax.dynamic_slice_in_dim(tokens, start, chunk)[None]
             positions = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
-            out = []
+            out, logits = [], []
             for m, cache in zip(models, caches):
-                _, cache = m(ids, positions, attention_mask=positions < prefix, cache=cache.replace(index=start[None]),
-                             last_only=True, attention=self.attention, kv_len=start[None] + chunk)
+                z, cache = m(ids, positions, attention_mask=positions < prefix, cache=cache.replace(index=start[None]),
+                             last_only=score is None, attention=self.attention, kv_len=start[None] + chunk)
                 out.append(cache)
-            return tuple(out)
+                logits.append(z)
+            return tuple(out), (scores if score is None else score(start, logits, scores))
 
-        return jax.lax.fori_loop(0, (prefix + chunk - 1) // chunk, forward, fresh)
+        return jax.lax.fori_loop(0, (prefix + chunk - 1) // chunk, forward, (fresh, scores))
 
-    def _admit_impl(self, params, state: DecodeState, tokens, prefix, slot_ids, settings):
+    def _prefill_width(self) -> int:
+        chunk = self.spec.prefill_chunk
+        return -(-self.cache_len // chunk) * chunk  # whole chunks: a write never runs past the end
+
+    def _prompt_scorer(self, tokens, prefix, settings, record: Record):
+        """`score` for `_prefill_row`: the log-probs of each chunk position's next prompt
+        token (the pending one after the last) under the row's law, as a decode step
+        records them (`slot_logits`, `recorded`). A λ schedule sees the index of the token
+        scored among the generated ones, negative in the prompt (as `jaxrast analyze`)."""
+        targets = jnp.roll(tokens.at[prefix].set(settings["token"]), -1)
+        row = _OneSlot(lam=settings["lam"][None], rl_only=settings["rl_only"][None])
+
+        def score(start, logits, scores):
+            chunk = logits[0].shape[1]
+            index = (start + jnp.arange(chunk) - prefix)[None]
+            z = slot_logits(logits, row, index, combination=self.combination, vocab=self.vocab,
+                            num_pairs=self.num_pairs, rl_index=self.rl_index)
+            want = jax.lax.dynamic_slice_in_dim(targets, start, chunk)[None]
+            logp, top, _ = recorded(z, want, jnp.zeros((1,), jnp.float32), record)
+            new = (logp[0], top[1][0].astype(jnp.int32), top[0][0]) if record.top_logprobs else (logp[0],)
+            return tuple(jax.lax.dynamic_update_slice_in_dim(buf, x, start, 0) for buf, x in zip(scores, new))
+
+        return score
+
+    def _admit_impl(self, params, state: DecodeState, tokens, prefix, slot_ids, settings, rows, *,
+                    score: Record | None):
         models = self._models(params)
-        batch = tokens.shape[0]
+        batch, max_len = tokens.shape
         tokens = jnp.pad(tokens, ((0, 0), (0, max(0, self.cache_len + self.spec.prefill_chunk - tokens.shape[1]))))
         n = self.cache_len
-        end = jnp.max(jnp.where(slot_ids < self.spec.max_slots, jnp.arange(batch) + 1, 0))  # past the last real row
+        row_settings = {k: settings[k] for k in ("token", "lam", "rl_only")}
 
-        def insert(i, caches):
-            slot = slot_ids[i]  # a padding row (slot id max_slots) is dropped
-            fresh = self._prefill_row(models, tokens[i], prefix[i])
+        def insert(i, carry):
+            caches, scores = carry
+            slot = slot_ids[i]  # a padding or scored-only row (slot id max_slots) is not inserted
+            scorer = None if score is None else self._prompt_scorer(
+                tokens[i], prefix[i], jax.tree.map(lambda x: x[i], row_settings), score)
+            fresh, row_scores = self._prefill_row(models, tokens[i], prefix[i], scorer,
+                                                  () if score is None else _empty_scores(self._prefill_width(), score))
             out = []
             for cache, new in zip(caches, fresh):
                 k = tuple(big.at[slot, :, :, :n].set(x[0, :, :, :n], mode="drop") for big, x in zip(cache.k, new.k))
                 v = tuple(big.at[slot, :, :n, :].set(x[0, :, :n, :], mode="drop") for big, x in zip(cache.v, new.v))
                 out.append(cache.replace(k=k, v=v, mask=cache.mask.at[slot].set(new.mask[0, :n], mode="drop")))
-            return tuple(out)
+            if score is not None:
+                scores = tuple(buf.at[i].set(x[:max_len]) for buf, x in zip(scores, row_scores))
+            return tuple(out), scores
 
-        caches = jax.lax.fori_loop(0, end, insert, tuple(state.caches))
+        scores = None if score is None else tuple(
+            jnp.zeros((batch, *x.shape), x.dtype) for x in _empty_scores(max_len, score))
+        caches, scores = jax.lax.fori_loop(0, rows, insert, (tuple(state.caches), scores))
         put = lambda old, new: old.at[slot_ids].set(jnp.asarray(new, old.dtype), mode="drop")  # noqa: E731
         fields = {f.name: getattr(state.slots, f.name) for f in dataclasses.fields(Slots)}
         settings = dict(settings)
@@ -266,7 +332,11 @@ class Engine:
         fields.update(length=put(fields["length"], prefix), generated=put(fields["generated"], np.zeros(batch)),
                       active=put(fields["active"], np.ones(batch, bool)),
                       forced_pos=put(fields["forced_pos"], np.full(batch, -1)))
-        return DecodeState(caches, Slots(**fields))
+        if scores is not None:
+            k = score.top_logprobs
+            scores = PromptScores(scores[0], *(scores[1:] if k else (jnp.zeros((batch, max_len, 0), jnp.int32),
+                                                                     jnp.zeros((batch, max_len, 0), jnp.float32))))
+        return DecodeState(caches, Slots(**fields)), scores
 
     # ---- decode ------------------------------------------------------------------------------
 

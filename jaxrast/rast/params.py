@@ -24,14 +24,16 @@ class SamplingParams:
     continue_text: str = ""  # emitted instead of a stop id sampled before min_tokens (s1 budget forcing)
     logprobs: bool = True  # False: skip log p(token) (an on-policy GRPO rollout needs none)
     entropies: bool = False  # True: record the entropy of softmax(z / τ) at each step (GRPO statistics)
+    # True: also the prompt's tokens' log-probs under the same law (max_new_tokens=0: score only)
+    prompt_logprobs: bool = False
 
     def __post_init__(self):
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0 or self.max_new_tokens < 1 or self.n < 1 or self.min_tokens < 0:
-            raise ValueError("top_k must be >= 0, max_new_tokens >= 1, n >= 1 and min_tokens >= 0.")
+        if self.top_k < 0 or self.max_new_tokens < 0 or self.n < 1 or self.min_tokens < 0:
+            raise ValueError("top_k must be >= 0, max_new_tokens >= 0, n >= 1 and min_tokens >= 0.")
         if not 0 <= self.seed < 2**31:
             raise ValueError(f"seed must be in [0, 2**31), got {self.seed}.")
         if any(not s for s in self.stop_strings):
@@ -51,6 +53,9 @@ class Completion:
     # entropy of the distribution each token was drawn from, softmax(z / τ) before top-p/top-k
     # (τ = 1 when greedy); only with SamplingParams(entropies=True)
     entropies: list[float] = dataclasses.field(default_factory=list)
+    # with SamplingParams(prompt_logprobs=True): log p of each prompt token given the ones before
+    # it, under the same law as `logprobs` (the first token has no context: None)
+    prompt_logprobs: list[float | None] | None = None
 
     @property
     def num_tokens(self) -> int:

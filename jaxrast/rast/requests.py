@@ -35,6 +35,7 @@ class RequestParams:
     row_id: int = 0
     sample: int = 0
     gamma: int | None = None  # speculative drafts per round (None: the engine's γ; 0: none)
+    prompt_logprobs: bool = False  # score the prompt's tokens too (max_tokens 0: score only)
 
 
 # Bounds on what reaches the engine's device arrays. Every row of a decode call shares the call:
@@ -126,7 +127,7 @@ def validate_request(prompt_ids: Sequence[int], p: RequestParams, limits: Engine
     check the HTTP API and the scheduler share, so no row can spoil a call others share."""
     if not prompt_ids:
         raise ParamError("an empty prompt cannot be decoded; give every prompt at least one token", "prompt")
-    _check_int(p.max_tokens, "max_tokens", 1, INT32_MAX)
+    _check_int(p.max_tokens, "max_tokens", 0, INT32_MAX)
     need = len(prompt_ids) + p.max_tokens + limits.gamma  # a round may write γ positions past the budget
     if need > limits.max_len:
         raise ParamError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens})"
@@ -145,8 +146,9 @@ class Update:
 
     token_ids: list[int]  # new tokens
     text: str  # new text that can be shown (no partial stop string, no partial character)
-    logprobs: list[float]
+    logprobs: list[float]  # of the new tokens, when recorded
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" once finished
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # when recorded
 
 
 @dataclasses.dataclass(eq=False)
@@ -161,10 +163,14 @@ class Request:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     entropies: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per token
+    # with params.prompt_logprobs: per prompt token (the first None / [], nothing before it)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     text: str = ""
     finish_reason: str | None = None
     cancelled: bool = False
     shown: int = 0  # characters of the text already streamed
+    sent: int = 0  # tokens already streamed
     detok: Any = None  # its `TextStream` (jaxrast.rast.detokenize) once it has tokens, with stop strings or a stream
     submitted: float = 0.0  # time.perf_counter() when queued (latency metrics)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)

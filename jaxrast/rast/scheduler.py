@@ -79,6 +79,7 @@ class Scheduler:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self.errors: list[BaseException] = []
+        self.failed_in_a_row = 0  # serving: decode cycles failed since the last one that did not
         # serving on several processes: process 0 leads, sending each cycle's plan to the others
         self.leader = False
 
@@ -249,9 +250,11 @@ class Scheduler:
                     return
             try:
                 self._cycle(group, self.record)
+                self.failed_in_a_row = 0
             except Exception as err:  # noqa: BLE001 - a failed call ends its requests, not the server
                 log.exception("a decode call failed; its %d request(s) end with an error", len(group.slots))
-                self.errors.append(err)
+                self.errors = [*self.errors[-15:], err]  # the latest few, for a debugger
+                self.failed_in_a_row += 1
                 for req in list(group.slots.values()):
                     group.finish(req, "error", "")
                 group.slots.clear()

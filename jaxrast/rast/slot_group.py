@@ -110,6 +110,7 @@ class SlotGroup:
         self.slots: dict[int, Request] = {}
         self.release = np.zeros(self.spec.max_slots, bool)
         self.record = Record()  # what the last decode call recorded
+        self.admitted: list[list[Request]] = []  # the last plan's admit calls' requests
 
     @property
     def free(self) -> list[int]:
@@ -118,49 +119,60 @@ class SlotGroup:
     def plan(self, requests: Sequence[Request], waiting: int, first_token_call: bool = False,
              record: Record = Record()) -> dict | None:
         """The device work of one cycle, as plain data every process can execute alike:
-        admit calls for `requests` (at most as many as free slots, `prefill_batch` a call),
-        then one decode call recording `record`. None: no slot is busy. `waiting`: requests
-        wait for a slot, so the decode call returns once min(waiting, max(2, slots / 8))
-        slots free: refilling after every finished row costs a call and an admit per row,
-        while a slot idles only until the call returns. `first_token_call` (serving): a cycle
-        that admits runs one step, so the new requests' first tokens reach their streams
-        without waiting out a whole call."""
+        admit calls for `requests` (at most as many as free slots, `prefill_batch` a call;
+        a request of no new tokens is prefilled and scored without taking a slot), then one
+        decode call recording `record`, if any slot is busy. None: nothing to do.
+        `waiting`: requests wait for a slot, so the decode call returns once
+        min(waiting, max(2, slots / 8)) slots free: refilling after every finished row costs
+        a call and an admit per row, while a slot idles only until the call returns.
+        `first_token_call` (serving): a cycle that admits runs one step, so the new requests'
+        first tokens reach their streams without waiting out a whole call."""
         free = self.free
         size, admits = self.spec.prefill_batch, []
+        self.admitted = []
         for start in range(0, len(requests), size):
             chunk = list(requests[start:start + size])
             slot_ids = np.full(size, self.spec.max_slots, np.int32)
             tokens = np.zeros((size, self.spec.max_len), np.int32)
             prefix = np.zeros(size, np.int32)
             for r, req in enumerate(chunk):
-                slot = free.pop(0)
-                slot_ids[r], self.slots[slot], self.release[slot] = slot, req, False
+                if req.params.max_tokens:
+                    slot = free.pop(0)
+                    slot_ids[r], self.slots[slot], self.release[slot] = slot, req, False
                 ids = req.prompt_ids[:-1]
                 tokens[r, :len(ids)], prefix[r] = ids, len(ids)
             padded = chunk + [chunk[-1]] * (size - len(chunk))  # padding rows are dropped by slot id
             settings = settings_arrays(padded, pairs=self.engine.num_pairs, default_lam=self.default_lam,
                                        max_stop_ids=self.spec.max_stop_ids, max_forced=self.spec.max_forced,
                                        vocab=self.engine.vocab, gamma=self.spec.gamma)
-            admits.append({"tokens": tokens, "prefix": prefix, "slot_ids": slot_ids, "settings": settings})
+            admits.append({"tokens": tokens, "prefix": prefix, "slot_ids": slot_ids, "settings": settings,
+                           "rows": len(chunk), "score": any(req.params.prompt_logprobs for req in chunk)})
+            self.admitted.append(chunk)
         for slot, req in list(self.slots.items()):  # cancelled while waiting for this call
             if req.cancelled:
                 self.release[slot] = True
-        if not self.slots:
+        if not self.slots and not admits:
             return None
         exit_after = min(waiting, max(2, self.spec.max_slots // 8)) if waiting else self.spec.max_slots + 1
-        plan = {"admits": admits, "release": self.release.copy(), "exit_after": exit_after,
+        plan = {"admits": admits, "release": self.release.copy(), "exit_after": exit_after, "decode": bool(self.slots),
                 "speculative": self.speculation.choose(), "max_steps": 1 if admits and first_token_call else None,
                 "record": [record.logprobs, record.entropies, record.top_logprobs]}
         self.release[:] = False
         return plan
 
     def execute(self, plan: dict):
-        """Runs a plan's admit and decode calls; returns the decode call's output on the host
-        (every process of a multi-process run joins the gather and reads the same)."""
+        """Runs a plan's admit and decode calls; returns (the decode call's output or None,
+        each admit call's prompt scores or None) on the host (every process of a
+        multi-process run joins the gathers and reads the same)."""
+        score, scores = Record(logprobs=True, top_logprobs=plan["record"][2]), []
         for call in plan["admits"]:
-            self.state = self.engine.admit(self.state, np.asarray(call["tokens"], np.int32),
-                                           np.asarray(call["prefix"], np.int32),
-                                           np.asarray(call["slot_ids"], np.int32), call["settings"])
+            self.state, s = self.engine.admit(self.state, np.asarray(call["tokens"], np.int32),
+                                              np.asarray(call["prefix"], np.int32),
+                                              np.asarray(call["slot_ids"], np.int32), call["settings"],
+                                              rows=call["rows"], score=score if call["score"] else None)
+            scores.append(None if s is None else host_array(s))
+        if not plan["decode"]:
+            return None, scores
         t0 = time.perf_counter()
         self.record = Record(*plan["record"])
         self.state, out = self.engine.decode(self.state, np.asarray(plan["release"], bool), plan["exit_after"],
@@ -170,11 +182,31 @@ class SlotGroup:
         if plan.get("max_steps") is None:  # a one-step call's tokens/s says little of its kind
             self.speculation.record(bool(plan.get("speculative")), int(out.count.sum()), time.perf_counter() - t0)
         self.last_speculative = bool(plan.get("speculative"))
-        return out
+        return out, scores
 
-    def absorb(self, out) -> list[Request]:
-        """The requests' new tokens, stop strings and ends; returns the finished requests."""
+    def scored(self, scores: list) -> list[Request]:
+        """The admitted requests' prompt log-probs (those that asked); returns the requests
+        that only scored their prompt, now finished."""
         finished = []
+        for chunk, s in zip(self.admitted, scores):
+            for r, req in enumerate(chunk):
+                if s is not None and req.params.prompt_logprobs:
+                    n = len(req.prompt_ids) - 1  # the first token has no context to score it
+                    req.prompt_logprobs = [None] + s.logprobs[r, :n].tolist()
+                    req.prompt_top_logprobs = [[]] + [list(zip(ids.tolist(), vals.tolist()))
+                                                      for ids, vals in zip(s.top_ids[r, :n], s.top_logprobs[r, :n])]
+                if not req.params.max_tokens:
+                    finished.append(self.finish(req, "cancelled" if req.cancelled else "length", ""))
+        self.admitted = []
+        return finished
+
+    def absorb(self, result) -> list[Request]:
+        """The requests' prompt scores, new tokens, stop strings and ends (`execute`'s
+        result); returns the finished requests."""
+        out, scores = result
+        finished = self.scored(scores)
+        if out is None:
+            return finished
         for slot, req in list(self.slots.items()):
             n = int(out.count[slot])
             new = out.tokens[slot, :n].tolist()
@@ -212,7 +244,7 @@ class SlotGroup:
             if reason is not None:
                 finished.append(self._end(slot, req, out, reason, text))
             elif new:
-                self._stream(req, new, n)
+                self._stream(req)
         self.stats.record(out, finished=len(finished), slots=self.spec.max_slots,
                           speculative=self.last_speculative)
         return finished
@@ -223,14 +255,18 @@ class SlotGroup:
         self.release[slot] = not out.finished[slot]
         return self.finish(req, reason, text)
 
-    def _stream(self, req: Request, new: list[int], n: int) -> None:
+    def _stream(self, req: Request) -> None:
         if req.on_update is None:
             return
         safe = req.detok.safe_end()
-        update = Update(new, req.detok.text_between(req.shown, safe) if safe > req.shown else "",
-                        req.logprobs[-n:] if self.record.logprobs else [])
+        req.on_update(self._update(req, req.detok.text_between(req.shown, safe) if safe > req.shown else ""))
         req.shown = max(req.shown, safe)
-        req.on_update(update)
+
+    @staticmethod
+    def _update(req: Request, text: str, finish_reason: str | None = None) -> Update:
+        """The tokens not yet streamed (with what was recorded of them) and `text`."""
+        start, req.sent = req.sent, max(req.sent, len(req.token_ids))
+        return Update(req.token_ids[start:], text, req.logprobs[start:], finish_reason, req.top_logprobs[start:])
 
     def finish(self, req: Request, reason: str, text: str | None) -> Request:
         """text: the text before a stop string (None: all of the tokens' text)."""
@@ -241,6 +277,6 @@ class SlotGroup:
         if req.on_update is not None:
             rest = req.text[req.shown:]
             req.shown = len(req.text)
-            req.on_update(Update([], rest, [], finish_reason=reason))
+            req.on_update(self._update(req, rest, reason))
         req.done.set()
         return req

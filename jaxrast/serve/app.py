@@ -45,6 +45,7 @@ def error(status: int, message: str, kind: str, param: str | None = None, code: 
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+DEGRADED_AFTER = 3  # decode calls failed in a row before /health says "degraded"
 UNPARSED = "the request body could not be parsed: send a JSON object in UTF-8, nested at most a few hundred levels"
 
 
@@ -66,14 +67,28 @@ def create_app(service: Service, *, api_key: str | None = None, grace_s: float =
                        refuse=lambda status, message, kind, code: error(status, message, kind, code=code))
     add_error_handlers(app, service)
 
-    def check_model(name: str) -> None:
-        if name != service.model_name:
-            raise HTTPException(404, f"model {name!r} does not exist; this server serves {service.model_name!r}")
+    def check_model(body) -> None:
+        """The served names: `NAME` decodes the request's own `mode` (RAST by default);
+        `NAME:base` and `NAME:rl` fix the mode, so a client that sends only OpenAI's fields
+        (lm-evaluation-harness) compares RAST with its base on one server."""
+        names = service.model_names
+        if body.model not in names:
+            raise HTTPException(404, f"model {body.model!r} does not exist; this server serves "
+                                     + ", ".join(map(repr, names)))
+        if names[body.model] is not None:
+            body.mode = names[body.model]
 
     @app.get("/health")
     async def health():
-        return {"status": "ok" if service.accepting else "draining", "slots": service.slots,
-                "running": service.scheduler.running, "waiting": len(service.scheduler.queue)}
+        """"ok"; "draining" while shutting down; "degraded" (503, so a load balancer moves
+        traffic away) after DEGRADED_AFTER decode calls failed in a row, until one succeeds."""
+        failed = service.scheduler.failed_in_a_row
+        status = "draining" if not service.accepting else "degraded" if failed >= DEGRADED_AFTER else "ok"
+        body = {"status": status, "slots": service.slots, "running": service.scheduler.running,
+                "waiting": len(service.scheduler.queue)}
+        if failed:
+            body["failed_calls_in_a_row"] = failed
+        return JSONResponse(body, status_code=503 if status == "degraded" else 200)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
@@ -81,11 +96,11 @@ def create_app(service: Service, *, api_key: str | None = None, grace_s: float =
 
     @app.get("/v1/models", responses=openapi_responses(ModelList))
     async def models():
-        return ModelList(data=[ModelCard(id=service.model_name)]).model_dump()
+        return ModelList(data=[ModelCard(id=name) for name in service.model_names]).model_dump()
 
     @app.post("/v1/completions", responses=openapi_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
+        check_model(body)
         prompts, params = await service.prepare(body)
         rid, choices = service.submit(prompts, params, body.n)
         if body.stream:
@@ -95,7 +110,7 @@ def create_app(service: Service, *, api_key: str | None = None, grace_s: float =
 
     @app.post("/v1/chat/completions", responses=openapi_responses(ChatCompletionResponse))
     async def chat(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
+        check_model(body)
         prompts, params = await service.prepare(body)
         rid, choices = service.submit(prompts, params, body.n)
         if body.stream:

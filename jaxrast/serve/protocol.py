@@ -57,8 +57,9 @@ class RastExtras(BaseModel):
 
 class SamplingFields(RastExtras):
     model: Text
-    max_tokens: int | None = Field(None, gt=0, le=INT32_MAX)
-    max_completion_tokens: int | None = Field(None, gt=0, le=INT32_MAX)  # the chat API's newer name
+    # 0: no new tokens (with echo and logprobs, the prompt is scored only)
+    max_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=0, le=INT32_MAX)  # the chat API's newer name
     temperature: Finite = Field(1.0, ge=0, le=100)
     top_p: Finite = Field(1.0, ge=1e-6, le=1)  # (0 in float32 keeps no token)
     n: int = Field(1, ge=1, le=INT32_MAX)
@@ -90,13 +91,17 @@ class SamplingFields(RastExtras):
         return value
 
     def budget(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class CompletionRequest(SamplingFields):
     prompt: Text | Texts | Ids | IdLists
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: bool = False  # the prompt before the text; with logprobs, the prompt tokens' log-probs too
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.echo and self.logprobs is not None
 
     @field_validator("prompt")
     @classmethod
@@ -150,8 +155,8 @@ class Logprobs(BaseModel):
     """The completions API's logprobs object."""
 
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = []  # echoed: the prompt's first token has none (null)
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = []
 
 

@@ -41,15 +41,23 @@ def _check(choice: Choice, update) -> None:
         raise RequestFailed()
 
 
-def completion_logprobs(service: Service, ids: list[int], logprobs: list[float], tops, k: int,
+def completion_logprobs(service: Service, ids: list[int], logprobs: list, tops, k: int,
                         offset: int = 0) -> Logprobs:
+    """The completions logprobs object of tokens `ids` (text offsets from `offset`); an
+    echoed prompt's first token has no log-prob (None) and no alternatives (null)."""
     texts = [service.token_text(t) for t in ids]
     offsets, at = [], offset
     for t in texts:
         offsets.append(at)
         at += len(t)
-    top = [{service.token_text(i): v for i, v in entry[:k]} for entry in tops] if k else None
+    top = [{service.token_text(i): v for i, v in entry[:k]} if entry or x is not None else None
+           for entry, x in zip(tops, logprobs)] if k else None
     return Logprobs(tokens=texts, token_logprobs=logprobs, top_logprobs=top, text_offset=offsets)
+
+
+def scored_prompt(r) -> tuple[list[int], list, list]:
+    """(ids, log-probs, alternatives) of a request's echoed prompt, scored by the engine."""
+    return r.prompt_ids, r.prompt_logprobs or [None] * len(r.prompt_ids), r.prompt_top_logprobs or []
 
 
 def chat_logprobs(service: Service, ids: list[int], logprobs: list[float], tops, k: int) -> ChatChoiceLogprobs:
@@ -67,7 +75,11 @@ async def completion(service: Service, body: CompletionRequest, rid: str, choice
     for c in choices:
         r = c.request
         prefix = service.text(r.prompt_ids) if body.echo else ""
-        lp = (completion_logprobs(service, r.token_ids, r.logprobs, r.top_logprobs, body.logprobs or 0, len(prefix))
+        ids, logprobs, tops = r.token_ids, r.logprobs, r.top_logprobs
+        if body.scores_prompt:
+            prompt_ids, prompt_lp, prompt_tops = scored_prompt(r)
+            ids, logprobs, tops = prompt_ids + ids, prompt_lp + logprobs, prompt_tops + tops
+        lp = (completion_logprobs(service, ids, logprobs, tops, body.logprobs or 0)
               if body.logprobs is not None else None)
         shift = await asyncio.to_thread(shift_of, service, body, c) if body.shift else None
         out.append(CompletionChoice(index=c.index, text=prefix + r.text, logprobs=lp, finish_reason=_reason(c),
@@ -95,12 +107,18 @@ async def completion_chunks(service: Service, body: CompletionRequest, rid: str,
     seen: dict[int, Choice] = {}
     async for c, u in updates:
         _check(c, u)
+        first = c.index not in seen
         seen[c.index] = c
-        choice = {"index": c.index, "text": u.text, "logprobs": None, "finish_reason": None}
-        if body.logprobs is not None and u.token_ids:
-            tops = c.request.top_logprobs[len(c.request.token_ids) - len(u.token_ids):][:len(u.token_ids)]
-            choice["logprobs"] = completion_logprobs(service, u.token_ids, u.logprobs, tops,
-                                                     body.logprobs).model_dump()
+        r = c.request
+        echo = body.echo and first  # the echoed prompt leads the choice's first chunk
+        choice = {"index": c.index, "text": (service.text(r.prompt_ids) if echo else "") + u.text, "logprobs": None,
+                  "finish_reason": None}
+        if body.logprobs is not None and (u.token_ids or echo):
+            ids, logprobs, tops = list(u.token_ids), list(u.logprobs), list(u.top_logprobs)
+            if echo:
+                prompt_ids, prompt_lp, prompt_tops = scored_prompt(r)
+                ids, logprobs, tops = prompt_ids + ids, prompt_lp + logprobs, prompt_tops + tops
+            choice["logprobs"] = completion_logprobs(service, ids, logprobs, tops, body.logprobs).model_dump()
         if u.finish_reason is not None:
             choice["finish_reason"] = _reason(c)
             if body.shift:
@@ -124,8 +142,7 @@ async def chat_chunks(service: Service, body: ChatCompletionRequest, rid: str, u
         delta = {"role": "assistant", "content": u.text} if first else {"content": u.text}
         choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
         if body.logprobs and u.token_ids:
-            tops = c.request.top_logprobs[len(c.request.token_ids) - len(u.token_ids):][:len(u.token_ids)]
-            choice["logprobs"] = chat_logprobs(service, u.token_ids, u.logprobs, tops,
+            choice["logprobs"] = chat_logprobs(service, u.token_ids, u.logprobs, u.top_logprobs,
                                                body.top_logprobs or 0).model_dump()
         if u.finish_reason is not None:
             choice["finish_reason"] = _reason(c)

@@ -99,6 +99,12 @@ class Service:
         return self.scheduler.max_len - self.scheduler.spec.gamma
 
     @property
+    def model_names(self) -> dict[str, str | None]:
+        """Served model name -> the mode it fixes (None: the request's own `mode`)."""
+        fixed = {f"{self.model_name}:base": "base", f"{self.model_name}:rl": "rl"} if self.pairs else {}
+        return {self.model_name: None, **fixed}
+
+    @property
     def num_pairs(self) -> int:
         return len(self.pairs)
 
@@ -126,7 +132,7 @@ class Service:
         prompts = body.prompts()
         self.check_batch(len(prompts), body.n)
         ids = [self.encode(p) for p in prompts]
-        return ids, self.params(body, ids, default_max=16)
+        return ids, self.params(body, ids, default_max=16, prompt_logprobs=body.scores_prompt)
 
     def prepare_chat(self, body: Any) -> tuple[list[list[int]], RequestParams]:
         self.check_batch(1, body.n)
@@ -189,11 +195,14 @@ class Service:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def params(self, body: Any, prompts: list[list[int]], default_max: int | None) -> RequestParams:
+    def params(self, body: Any, prompts: list[list[int]], default_max: int | None,
+               prompt_logprobs: bool = False) -> RequestParams:
         """The engine settings of a request body (its fields already range-checked), checked
-        against the engine with each of its prompts."""
+        against the engine with each of its prompts; `prompt_logprobs`: score the prompts too."""
         prompt_len = max(map(len, prompts))
-        budget = body.budget() or default_max or (self.max_len - prompt_len)
+        budget = body.budget()
+        if budget is None:
+            budget = default_max or (self.max_len - prompt_len)
         if prompt_len + budget > self.max_len:
             raise BadRequest(f"the prompt ({prompt_len} tokens) plus max_tokens ({budget}) is {prompt_len + budget} "
                              f"tokens, beyond this server's context of {self.max_len}; shorten the prompt or lower "
@@ -217,7 +226,7 @@ class Service:
                                min_tokens=body.min_tokens, stop_ids=self.default_stop_ids,
                                stop_strings=tuple(body.stop), lam=lam, mode=body.mode, continue_ids=cont,
                                seed=body.seed if body.seed is not None else int(time.time_ns() % (2**31)),
-                               gamma=body.gamma)
+                               gamma=body.gamma, prompt_logprobs=prompt_logprobs)
         for ids in prompts:
             self.validate(ids, params)
         return params

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -198,8 +199,8 @@ def test_a_request_the_engine_fails_ends_alone_as_a_500_or_an_sse_error(server, 
     url, service = server
     params = service.params
 
-    def poisoned(body, prompts, default_max):
-        p = params(body, prompts, default_max)
+    def poisoned(body, prompts, default_max, **kw):
+        p = params(body, prompts, default_max, **kw)
         return dataclasses.replace(p, lam=(1e39,)) if body.user == "poison" else p
 
     monkeypatch.setattr(service, "params", poisoned)
@@ -222,6 +223,31 @@ def test_a_request_the_engine_fails_ends_alone_as_a_500_or_an_sse_error(server, 
     assert answer["error"]["type"] == "server_error" and answer["error"]["code"] == "engine_error"
     assert "engine failed" in streamed.message
     assert _metric(url, "jaxrast_request_errors_total") == errors_before + 2
+
+
+def test_health_is_degraded_after_failed_calls_in_a_row_and_recovers(server, monkeypatch):
+    """Decode calls that fail (injected: the device call raises) answer 500s with a logged
+    traceback; three in a row turn /health into a 503 "degraded"; the next call that works
+    serves its request and /health is "ok" again."""
+    url, service = server
+    group = service.scheduler.groups[0]
+    execute = group.execute
+
+    def broken(plan):
+        raise RuntimeError("injected device failure")
+
+    monkeypatch.setattr(group, "execute", broken)
+    for _ in range(3):
+        code, answer = send(url, "/v1/completions", completion(max_tokens=5), AUTH)
+        assert_openai_error(code, answer, 500, None, "an injected failure")
+    degraded = urllib.request.Request(url + "/health")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(degraded, timeout=30)
+    assert err.value.code == 503 and json.loads(err.value.read())["status"] == "degraded"
+    monkeypatch.setattr(group, "execute", execute)
+    code, answer = send(url, "/v1/completions", completion(max_tokens=5), AUTH)
+    assert code == 200 and answer["choices"][0]["finish_reason"] == "length"
+    assert get_json(url + "/health")["status"] == "ok"
 
 
 def _metric(url: str, name: str) -> float:

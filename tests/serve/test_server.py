@@ -7,11 +7,15 @@ import random
 import urllib.request
 
 import jax
+import numpy as np
 import openai
 import pytest
 from serve_fixtures import FAMILY, get_json, post, running, wait_until
 
+from jaxrast.analysis.teacher_forcing import trace_positions
+from jaxrast.analysis.trajectories import Trajectory
 from jaxrast.cli import main
+from jaxrast.rast.ensemble import Pair
 from jaxrast.serve.config import ServeConfig
 from jaxrast.serve.server import build_service
 from jaxrast.toy.task import ChainTask
@@ -97,6 +101,39 @@ def test_greedy_output_equals_jaxrast_decode(server, client, tmp_path):
     assert [c.text for c in served.choices] == [rows[f"q{i}"] for i in range(4)]
 
 
+def test_echo_scores_the_prompt_under_the_request_law(server, client):
+    """`echo` + `logprobs`, as lm-evaluation-harness scores choices: every prompt token's
+    log-prob (the first null) under the request's law, equal to `jaxrast analyze`'s
+    teacher-forced numbers, with its alternatives; `max_tokens: 0` scores without decoding;
+    streamed and not agree; a batch of token-id prompts scores each."""
+    url, service = server
+    prompt = PROBLEMS[3]
+    ids = service.encode(prompt)
+    pair = service.pairs[0]
+    for model, extra, lam in (("jaxrast", {"lam": 0.7}, 0.7), ("jaxrast:base", {}, 0.0)):  # a name fixes a mode
+        got = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=2,
+                                        temperature=0, extra_body=extra)
+        c = got.choices[0]
+        assert c.text == prompt and c.finish_reason == "length" and got.usage.completion_tokens == 0
+        lp = c.logprobs
+        assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        want = trace_positions([Trajectory(ids[:1], ids[1:])], service.base, [Pair(pair.rl, pair.ref, lam)],
+                               vocab=service.vocab, top_k=2, progress=False)[0]
+        np.testing.assert_allclose(lp.token_logprobs[1:], want["logp_combined"], atol=1e-4)
+        for top, best, p in zip(lp.top_logprobs[1:], want["combined/ids"][:, 0], want["combined/values"][:, 0]):
+            assert top[service.token_text(int(best))] == pytest.approx(np.log(p), abs=1e-4)
+    kw = dict(model="jaxrast", prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0)
+    plain = client.completions.create(**kw).choices[0]
+    assert plain.text.startswith(prompt) and len(plain.logprobs.token_logprobs) == len(ids) + 3
+    streamed = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(c.text for c in streamed) == plain.text
+    assert sum((c.logprobs.token_logprobs for c in streamed if c.logprobs), []) == plain.logprobs.token_logprobs
+    batch = post(url + "/v1/completions", {"model": "jaxrast", "prompt": [ids, ids[:5]], "max_tokens": 0,
+                                           "echo": True, "logprobs": 0})[1]["choices"]
+    assert [len(c["logprobs"]["token_logprobs"]) for c in batch] == [len(ids), 5]
+    assert batch[1]["logprobs"]["token_logprobs"] == pytest.approx(batch[0]["logprobs"]["token_logprobs"][:5])
+
+
 def test_64_concurrent_clients_each_get_their_own_answer_once(server):
     url, service = server
     rng = random.Random(0)
@@ -137,7 +174,7 @@ def test_64_concurrent_clients_each_get_their_own_answer_once(server):
     (b"{not json", 400, None),
     ({"model": "jaxrast", "max_tokens": 5}, 400, "prompt"),
     ({"model": "gpt-4", "prompt": "Q", "max_tokens": 5}, 404, None),
-    ({"model": "jaxrast", "prompt": "Q", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "jaxrast", "prompt": "Q", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "jaxrast", "prompt": "Q", "max_tokens": 1000}, 400, "max_tokens"),
     ({"model": "jaxrast", "prompt": "Q", "max_tokens": 5, "temperature": -0.5}, 400, "temperature"),
     ({"model": "jaxrast", "prompt": "Q", "max_tokens": 5, "top_p": 0}, 400, "top_p"),
@@ -217,5 +254,5 @@ def test_nothing_compiles_after_warm_up(server, client):
 
 
 def test_models_health_and_metrics(server, client):
-    assert [m.id for m in client.models.list().data] == ["jaxrast"]
+    assert [m.id for m in client.models.list().data] == ["jaxrast", "jaxrast:base", "jaxrast:rl"]
     assert get_json(server[0] + "/health")["status"] == "ok"
