@@ -32,7 +32,8 @@ def fake_out(tokens: list[int]):
 def group(tok) -> SlotGroup:
     g = SlotGroup.__new__(SlotGroup)  # the host half only: no engine, no device
     g.decode_text = functools.partial(tok.decode, skip_special_tokens=True)
-    g.slots, g.release, g.record, g.last_speculative = {}, np.zeros(1, bool), Record(), False
+    g.slots, g.release, g.record, g.last_speculative, g.admitted = {}, np.zeros(1, bool), Record(), False, []
+    g.engine = types.SimpleNamespace(vocab=len(tok))
     g.spec = types.SimpleNamespace(max_slots=1)
     g.stats = types.SimpleNamespace(record=lambda *a, **k: None)
     return g
@@ -48,7 +49,7 @@ def per_token_us(tok, length: int, repeats: int = 3) -> float:
         g.slots[0] = req
         start = time.perf_counter()
         for i in range(0, length, CALL):
-            g.absorb(fake_out(ids[i:i + CALL]))
+            g.absorb((fake_out(ids[i:i + CALL]), []))
         best = min(best, time.perf_counter() - start)
     return best / length * 1e6
 

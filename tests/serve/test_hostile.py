@@ -225,11 +225,12 @@ def test_a_request_the_engine_fails_ends_alone_as_a_500_or_an_sse_error(server, 
     assert _metric(url, "jaxrast_request_errors_total") == errors_before + 2
 
 
-def test_health_is_degraded_after_failed_calls_in_a_row_and_recovers(server, monkeypatch):
+def test_health_is_degraded_after_failed_calls_in_a_row_and_recovers(server, monkeypatch, caplog):
     """Decode calls that fail (injected: the device call raises) answer 500s with a logged
     traceback; three in a row turn /health into a 503 "degraded"; the next call that works
     serves its request and /health is "ok" again."""
     url, service = server
+    caplog.set_level(logging.ERROR, logger="jaxrast")
     group = service.scheduler.groups[0]
     execute = group.execute
 
@@ -240,6 +241,8 @@ def test_health_is_degraded_after_failed_calls_in_a_row_and_recovers(server, mon
     for _ in range(3):
         code, answer = send(url, "/v1/completions", completion(max_tokens=5), AUTH)
         assert_openai_error(code, answer, 500, None, "an injected failure")
+    tracebacks = [r for r in caplog.records if r.exc_info and "injected device failure" in str(r.exc_info[1])]
+    assert len(tracebacks) == 3 and tracebacks[0].name == "jaxrast.rast.scheduler"
     degraded = urllib.request.Request(url + "/health")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(degraded, timeout=30)

@@ -105,12 +105,12 @@ def test_echo_logprobs_of_the_prompt_equal_transformers(server, torch_model):
         np.testing.assert_allclose(got[1:], transformers_log_probs(torch_model, ids), atol=1e-3)
 
 
-def lm_eval_cli(model: str, url: str, tokenizer: str, tasks: str, names: str, out: str, *extra: str) -> dict:
+def lm_eval_cli(model: str, url: str, tokenizer: str, tasks: str, names: str, out: str) -> dict:
     """Runs the `lm_eval` command against the server; returns {task: samples}."""
     args = f"model=jaxrast,base_url={url},num_concurrent=2,max_retries=1,tokenizer_backend=huggingface," \
            f"tokenizer={tokenizer}"
     cmd = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", args, "--include_path", tasks,
-           "--tasks", names, "--log_samples", "--output_path", out, *extra]
+           "--tasks", names, "--log_samples", "--output_path", out]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -147,11 +147,18 @@ def test_lm_eval_scores_through_the_server_are_transformers_scores(server, torch
         assert sample["filtered_resps"][0] == text["choices"][0]["text"]
 
 
-def test_lm_eval_chat_completions_run(server, smollm2, tasks, tmp_path):
+def test_lm_eval_chat_completions_run(server, smollm2, tasks):
+    """`local-chat-completions` (lm-eval in this process: the command's startup is paid once,
+    above) answers a generation task through the tokenizer's chat template."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     url, _ = server
-    served = lm_eval_cli("local-chat-completions", url + "/v1/chat/completions", smollm2, tasks, "jaxrast_gen",
-                         str(tmp_path / "chat"), "--apply_chat_template")
-    answers = [s["filtered_resps"][0] for s in served["jaxrast_gen"]]
+    args = f"model=jaxrast,base_url={url}/v1/chat/completions,num_concurrent=2,max_retries=1"
+    samples = lm_eval.simple_evaluate(model="local-chat-completions", model_args=args, tasks=["jaxrast_gen"],
+                                      task_manager=TaskManager(include_path=tasks), apply_chat_template=True,
+                                      log_samples=True)["samples"]["jaxrast_gen"]
+    answers = [s["filtered_resps"][0] for s in samples]
     assert len(answers) == len(QUESTIONS) and all(isinstance(a, str) and a for a in answers)
 
 

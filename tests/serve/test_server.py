@@ -134,6 +134,38 @@ def test_echo_scores_the_prompt_under_the_request_law(server, client):
     assert batch[1]["logprobs"]["token_logprobs"] == pytest.approx(batch[0]["logprobs"]["token_logprobs"][:5])
 
 
+def test_lm_eval_scores_rast_choices_as_jaxrast_analyze_does(server, tmp_path):
+    """lm-evaluation-harness (`local-completions`, in this process) scoring a multiple-choice
+    task through the server in RAST mode: each choice's log-likelihood is the teacher-forced
+    sum of RAST's combined log-probs `jaxrast analyze` computes (λ = the pair's 1.0)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    url, service = server
+    rows = ChainTask().rows(3, seed=11)
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"question": r["question"], "choices": [f"#{int(r['answer']):02d}", "#00",
+                                                                              "#50"], "answer": 0}) + "\n"
+                            for r in rows))
+    (tmp_path / "toy_mc.yaml").write_text(
+        f"task: toy_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    args = f"model=jaxrast,base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={FAMILY}/m_base," \
+           "num_concurrent=2,max_retries=1"
+    samples = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["toy_mc"],
+                                      task_manager=TaskManager(include_path=str(tmp_path)),
+                                      log_samples=True)["samples"]["toy_mc"]
+    pair = service.pairs[0]
+    for sample in samples:
+        context = service.encode(sample["doc"]["question"])
+        for choice, (score, _) in zip(sample["doc"]["choices"], sample["filtered_resps"]):
+            cont = service.encode(choice, special_tokens=False)
+            want = trace_positions([Trajectory(context, cont)], service.base, [Pair(pair.rl, pair.ref, 1.0)],
+                                   vocab=service.vocab, progress=False)[0]["logp_combined"].sum()
+            assert float(score) == pytest.approx(float(want), abs=1e-3)
+
+
 def test_64_concurrent_clients_each_get_their_own_answer_once(server):
     url, service = server
     rng = random.Random(0)
