@@ -25,8 +25,11 @@ def write_questions(path, n: int, cycle: int | None = None) -> str:
 
 def hf_config(kind: str = "qwen2", *, vocab: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4,
               kv_heads: int = 2, inter: int = 96, tie: bool = False, rope_scaling: dict | None = None,
-              init_range: float = 0.2, theta: float = 10000.0, max_pos: int = 2048, bias: bool = False):
-    from transformers import LlamaConfig, Qwen2Config
+              init_range: float = 0.2, theta: float = 10000.0, max_pos: int = 2048, bias: bool = False,
+              head_dim: int | None = None):
+    """`bias`: llama's q/k/v/o and MLP biases, qwen3's q/k/v/o biases (qwen2 always has q/k/v
+    biases); `head_dim` (qwen3, llama): None is hidden // heads."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
                   initializer_range=init_range, max_position_embeddings=max_pos, rms_norm_eps=1e-6,
@@ -34,9 +37,12 @@ def hf_config(kind: str = "qwen2", *, vocab: int = 64, hidden: int = 64, layers:
     rope = {"rope_type": "default", "rope_theta": theta}
     if rope_scaling:
         rope.update(rope_scaling)
+    head_dim = head_dim or hidden // heads  # given always: Qwen3Config's own default is 128
     if kind == "qwen2":
         return Qwen2Config(**common, rope_parameters=rope)
-    return LlamaConfig(**common, rope_parameters=rope, attention_bias=bias, mlp_bias=bias)
+    if kind == "qwen3":
+        return Qwen3Config(**common, rope_parameters=rope, attention_bias=bias, head_dim=head_dim)
+    return LlamaConfig(**common, rope_parameters=rope, attention_bias=bias, mlp_bias=bias, head_dim=head_dim)
 
 
 def make_checkpoint(directory: str, kind: str = "qwen2", seed: int = 0, adds_bos: bool = False,

@@ -1,4 +1,4 @@
-"""Model configuration read from a HuggingFace `config.json` (qwen2 and llama families)."""
+"""Model configuration read from a HuggingFace `config.json` (qwen2, qwen3 and llama families)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+# model_type -> the transformers class an export names in `architectures`
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' Qwen3Config defaults head_dim to 128, not hidden_size / heads, so a qwen3
+# config.json without the key means 128.
+_QWEN3_HEAD_DIM = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +38,7 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] = ()
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q/k/v (qwen2: always True); llama: on o_proj too
+    attention_bias: bool = False  # bias on q/k/v (qwen2: always True); llama, qwen3: on o_proj too
     mlp_bias: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = None
@@ -45,8 +50,13 @@ class ModelConfig:
 
     @property
     def o_proj_bias(self) -> bool:
-        """Llama's `attention_bias` covers o_proj as well; Qwen2's q/k/v biases do not."""
+        """Llama's and Qwen3's `attention_bias` cover o_proj as well; Qwen2's q/k/v biases do not."""
         return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether each query and key head is RMS-normed (over head_dim) before RoPE (Qwen3)."""
+        return self.model_type == "qwen3"
 
     @property
     def num_groups(self) -> int:
@@ -71,11 +81,11 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"{source}: unsupported model_type {model_type!r}; jaxrast supports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2/Qwen2.5 and Llama checkpoints)."
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2/Qwen2.5, Qwen3 and Llama checkpoints)."
             )
         if raw.get("use_sliding_window"):
             raise ValueError(
-                f"{source}: use_sliding_window=true is not supported; Qwen2.5 checkpoints set it "
+                f"{source}: use_sliding_window=true is not supported; Qwen2.5 and Qwen3 checkpoints set it "
                 "to false. Set it to false if the model was trained with full attention."
             )
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -93,7 +103,8 @@ class ModelConfig:
                 f"{source}: num_attention_heads={heads} is not a multiple of "
                 f"num_key_value_heads={kv_heads}."
             )
-        head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
+        default_head_dim = _QWEN3_HEAD_DIM if model_type == "qwen3" else raw["hidden_size"] // heads
+        head_dim = raw.get("head_dim") or default_head_dim
         # transformers>=5 writes `rope_parameters` (with rope_theta inside); older files
         # write `rope_theta` and `rope_scaling` at the top level.
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
@@ -110,7 +121,6 @@ class ModelConfig:
             raise ValueError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (silu only).")
         eos = raw.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
-        is_qwen2 = model_type == "qwen2"
         return cls(
             model_type=model_type,
             vocab_size=int(raw["vocab_size"]),
@@ -125,8 +135,8 @@ class ModelConfig:
             rope_scaling=tuple(sorted(rope.items())),
             max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=True if is_qwen2 else bool(raw.get("attention_bias", False)),
-            mlp_bias=False if is_qwen2 else bool(raw.get("mlp_bias", False)),
+            attention_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+            mlp_bias=model_type == "llama" and bool(raw.get("mlp_bias", False)),  # Qwen MLPs have none
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=eos,
         )
@@ -154,7 +164,7 @@ class ModelConfig:
         """The `config.json` content transformers needs to rebuild this architecture."""
         rope = dict(self.rope_scaling)
         out: dict[str, Any] = {
-            "architectures": ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"],
+            "architectures": [ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -174,8 +184,9 @@ class ModelConfig:
             "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) > 1 else
             (self.eos_token_id[0] if self.eos_token_id else None),
         }
-        if self.model_type == "llama":
+        if self.model_type != "qwen2":  # qwen2's q/k/v biases are fixed by the architecture
             out["attention_bias"] = self.attention_bias
+        if self.model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
         else:
             out["use_sliding_window"] = False

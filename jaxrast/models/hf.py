@@ -267,7 +267,7 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32, param_dtype=None, remat:
 def load_model(path_or_id: str, *, dtype: Any = jnp.float32, param_dtype: Any = None,
                mesh: Mesh | None = None, allow_pickle: bool = False, remat: bool = False,
                revision: str | None = None, progress: bool | None = None):
-    """Loads a qwen2/llama HF checkpoint as a Flax NNX model.
+    """Loads a qwen2/qwen3/llama HF checkpoint as a Flax NNX model.
 
     Args:
       path_or_id: checkpoint directory, or a hub id found in the local HF cache.

@@ -1,4 +1,4 @@
-"""The decoder-only transformer (Qwen2 / Llama) in Flax NNX.
+"""The decoder-only transformer (Qwen2 / Qwen3 / Llama) in Flax NNX.
 
 One forward serves every use: full-sequence scoring (training, analysis) and cached
 decoding (prefill, then one token per step). Shapes: tokens `[batch, time]`, hidden
@@ -81,6 +81,10 @@ class Attention(nnx.Module):
         self.k_proj = _linear(h, cfg.num_key_value_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
         self.v_proj = _linear(h, cfg.num_key_value_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
         self.o_proj = _linear(cfg.num_attention_heads * d, h, cfg.o_proj_bias, dtype, param_dtype, rngs)
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.q_norm = RMSNorm(d, **norm)
+            self.k_norm = RMSNorm(d, **norm)
 
     def __call__(self, x, positions, key_mask, query_index, k_cache=None, v_cache=None, index=None,
                  attention: AttentionBackend | None = None, kv_len=None):
@@ -98,9 +102,12 @@ class Attention(nnx.Module):
         # Projections run as 2-D matmuls over [b*t, h]: XLA:CPU computes the weight
         # gradient of a 3-D dot ~1.5x slower (two contracting dims).
         x = x.reshape(b * t, -1)
-        q = apply_rope(self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, inv_freq)
+        q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:  # per head, before RoPE: the cache holds normed, rotated keys
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         # Head-major layouts, keys transposed: k [b, kv, d, time], v [b, kv, time, d]. Both
         # attention matmuls then have their batch dims (b, kv) leading and contract over a
         # non-minor dim, which XLA:CPU runs ~6x faster than a per-row reduction over d; the
@@ -153,7 +160,7 @@ class Block(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """Qwen2 / Llama causal language model.
+    """Qwen2 / Qwen3 / Llama causal language model.
 
     Parameter paths mirror HF names (`embed_tokens`, `layers[i].self_attn.q_proj`, ...);
     Linear kernels are stored `[in, out]` (the transpose of torch's `weight`).

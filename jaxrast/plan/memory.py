@@ -83,6 +83,8 @@ def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     out["self_attn.o_proj.kernel"] = (q, h)
     if cfg.o_proj_bias:
         out["self_attn.o_proj.bias"] = (h,)
+    if cfg.qk_norm:
+        out["self_attn.q_norm.weight"] = out["self_attn.k_norm.weight"] = (d,)
     for name, shape in (("gate_proj", (h, i)), ("up_proj", (h, i)), ("down_proj", (i, h))):
         out[f"mlp.{name}.kernel"] = shape
         if cfg.mlp_bias:

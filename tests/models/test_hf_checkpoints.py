@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from jaxrast.models.config import ModelConfig
 from jaxrast.models.hf import load_model, save_hf
 from jaxrast.models.safetensors_io import SafetensorsFile, save_file
 
@@ -19,8 +20,12 @@ def copy_ckpt(src, dst):
     return str(dst)
 
 
-def test_round_trip_save_hf_loads_in_transformers(ckpt_dir, tmp_path):
-    model, cfg, tok = load_model(ckpt_dir("qwen2", tie=True))
+# qwen3 with every option its export must carry: biases (q/k/v and o_proj), q/k norms, an
+# explicit head_dim (not hidden / heads), tied embeddings
+@pytest.mark.parametrize("kind,kw", [("qwen2", dict(tie=True)),
+                                     ("qwen3", dict(tie=True, bias=True, head_dim=24, kv_heads=1))])
+def test_round_trip_save_hf_loads_in_transformers(ckpt_dir, tmp_path, kind, kw):
+    model, cfg, tok = load_model(ckpt_dir(kind, **kw))
     out = save_hf(model, tok, str(tmp_path / "out"))
     ids = np.random.RandomState(0).randint(3, 40, (2, 64))
     ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -92,8 +97,22 @@ def test_unsupported_model_type(tmp_path, ckpt_dir):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["model_type"] = "gpt2"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; jaxrast supports qwen2, qwen3, llama"):
         load_model(d)
+
+
+def test_qwen3_config_defaults_and_sliding_window_refused():
+    """A qwen3 config.json read as transformers' Qwen3Config reads it: head_dim 128 when absent,
+    no q/k/v bias unless attention_bias, no MLP bias ever; a sliding window is refused."""
+    raw = dict(model_type="qwen3", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, mlp_bias=True)
+    cfg = ModelConfig.from_hf_dict(raw)
+    assert cfg.head_dim == 128 and cfg.qk_norm
+    assert not (cfg.attention_bias or cfg.o_proj_bias or cfg.mlp_bias)
+    assert ModelConfig.from_hf_dict({**raw, "attention_bias": True}).o_proj_bias
+    assert cfg.to_hf_dict()["architectures"] == ["Qwen3ForCausalLM"]
+    with pytest.raises(ValueError, match="use_sliding_window=true is not supported"):
+        ModelConfig.from_hf_dict({**raw, "use_sliding_window": True})
 
 
 def test_wrong_tensor_shape(tmp_path, ckpt_dir):

@@ -1,4 +1,4 @@
-"""Meshes over 8 fake CPU devices: same logits as one device, params sharded per the rule table."""
+"""Meshes over 8 fake CPU devices: same logits as one device (qwen2, qwen3), params sharded per the rule table."""
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +18,13 @@ def test_eight_fake_devices():
     assert jax.device_count() == 8
 
 
-@pytest.mark.parametrize("fsdp,tensor", [(2, 4), (4, 2)])
-def test_mesh_logits_match_single_device(ckpt_dir, fsdp, tensor):
+# qwen3 at tensor=4: k_proj's layout splits its 2 kv heads of dim 24 mid-head, and q_norm / k_norm
+# (replicated) must still normalise each whole head
+@pytest.mark.parametrize("kind,fsdp,tensor", [("qwen2", 2, 4), ("qwen2", 4, 2), ("qwen3", 2, 4)])
+def test_mesh_logits_match_single_device(ckpt_dir, kind, fsdp, tensor):
     # Sharded matmuls sum in a different order, so float32 differences scale with the logits'
     # magnitude: at |z| <= ~3.5 (init 0.1) they are ~2e-6; at |z| ~ 7 (init 0.2) ~1.5e-5.
-    d = ckpt_dir("qwen2", kv_heads=2, init_range=0.1)
+    d = ckpt_dir(kind, kv_heads=2, init_range=0.1, **(dict(head_dim=24) if kind == "qwen3" else {}))
     ids = jnp.asarray(np.random.RandomState(0).randint(3, 46, (4, 96)))
     single, _, _ = load_model(d)
     want, _ = jax.jit(lambda m, x: m(x))(single, ids)

@@ -1,4 +1,4 @@
-"""Logit parity of the NNX decoder with transformers' PyTorch Qwen2/Llama (float32 and bf16)."""
+"""Logit parity of the NNX decoder with transformers' PyTorch Qwen2/Qwen3/Llama (float32 and bf16)."""
 
 import chex
 import jax
@@ -12,6 +12,7 @@ from jaxrast.models.attention_backend import AttentionBackend
 from jaxrast.models.cpu_attention import available as cpu_kernel_available
 from jaxrast.models.hf import load_model
 from jaxrast.models.kv_cache import KVCache
+from jaxrast.rast.decoding import RAST, SamplingParams
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -22,6 +23,9 @@ CONFIGS = {
     "qwen2-padded-vocab": ("qwen2", dict(vocab=96)),
     "llama3-rope-scaling": ("llama", dict(rope_scaling=LLAMA3)),
     "llama-biases": ("llama", dict(bias=True)),  # attention_bias covers q/k/v *and* o_proj in llama
+    # q/k norms over a head_dim that is not hidden / heads (64 / 4 = 16); tied embeddings and
+    # biases (q/k/v and o_proj, as llama's) are covered by the export round trip
+    "qwen3-head-dim-gqa2": ("qwen3", dict(kv_heads=2, head_dim=24)),
 }
 ATOL_F32 = 1e-4
 # bfloat16 keeps 8 mantissa bits; logits of magnitude ~10 after 2 layers differ by up to
@@ -64,7 +68,7 @@ def test_logits_from_and_last_only_slice_the_full_forward(ckpt_dir):
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["qwen2-untied-gqa2", "llama3-rope-scaling"])
+@pytest.mark.parametrize("name", ["qwen2-untied-gqa2", "llama3-rope-scaling", "qwen3-head-dim-gqa2"])
 def test_left_padded_prefill_and_cached_decode_parity(ckpt_dir, name):
     """Rows of different lengths, left padded; prefill then 1 token per step with the cache."""
     kind, kw = CONFIGS[name]
@@ -91,6 +95,24 @@ def test_left_padded_prefill_and_cached_decode_parity(ckpt_dir, name):
     for i, n in enumerate(lengths):
         ref = torch_logits(d, rows[i][None, : n + extra - 1])[0, n - 1:]
         np.testing.assert_allclose(got[i], ref, atol=ATOL_F32, rtol=0)
+
+
+def test_qwen3_engine_greedy_equals_transformers_generate(ckpt_dir):
+    """The engine's programs (chunked prefill into slots, then cached decode steps) on a Qwen3
+    model: each greedy row is transformers' greedy `generate` of its prompt."""
+    kind, kw = CONFIGS["qwen3-head-dim-gqa2"]
+    d = ckpt_dir(kind, **kw)
+    model, _, tok = load_model(d)
+    prompts, steps = ["abc de", "hello world 12+3= qq rr ss tt"], 12
+    rows = RAST(model, tokenizer=tok, batch_size=2, max_len=64).generate(
+        prompts, SamplingParams(temperature=0, max_new_tokens=steps))
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    padding = list(range(len(tok), hf.config.vocab_size))  # embedding rows past the tokenizer: never sampled
+    for prompt, (row,) in zip(prompts, rows):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, eos_token_id=tok.eos_token_id,
+                           pad_token_id=0, suppress_tokens=padding)[0, len(ids):].tolist()
+        assert row.token_ids == want
 
 
 def test_bfloat16_within_documented_bound(ckpt_dir):

@@ -36,6 +36,7 @@ SMALL = {
     "qwen2_tied": dict(model_type="qwen2", tie_word_embeddings=True, vocab_size=50),
     "llama": dict(model_type="llama", num_key_value_heads=4),
     "llama_biases_head_dim": dict(model_type="llama", attention_bias=True, mlp_bias=True, head_dim=24),
+    "qwen3_qk_norm_biases": dict(model_type="qwen3", attention_bias=True, head_dim=24),
 }
 
 
