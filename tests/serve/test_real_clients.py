@@ -163,38 +163,31 @@ def test_lm_eval_chat_completions_run(server, smollm2, tasks):
     assert len(answers) == len(QUESTIONS) and all(isinstance(a, str) and a for a in answers)
 
 
-def test_decode_with_the_chat_template_equals_transformers_generate(smollm2, torch_model, tmp_path):
+def test_decode_with_the_chat_template_equals_transformers_generate(smollm2, torch_model, tmp_path, monkeypatch):
+    """`jaxrast decode --prompt-template chat` writes transformers' `apply_chat_template` +
+    greedy `generate` tokens; `--base FILE.gguf` writes the same rows as the converted
+    directory (the conversion the fixture made, found in the cache: no second dequantization)."""
     import torch
 
     model, tok = torch_model
     questions = [q for q, _, _ in QUESTIONS[:2]]
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps({"id": f"q{i}", "question": q}) + "\n" for i, q in enumerate(questions)))
-    out = tmp_path / "out.jsonl"
-    assert main(["decode", "--base", smollm2, "--dataset", str(data), "--prompt-template", "chat",
-                 "--temperature", "0", "--max-new-tokens", "24", "--save-token-ids", "--out", str(out),
-                 "--no-progress"]) == 0
-    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    monkeypatch.setenv("JAXRAST_GGUF_CACHE", gguf_cache())
+    rows = {}
+    for base in (smollm2, smollm2_gguf()):
+        out = tmp_path / f"{os.path.basename(base)}.jsonl"
+        assert main(["decode", "--base", base, "--dataset", str(data), "--prompt-template", "chat",
+                     "--temperature", "0", "--max-new-tokens", "24", "--save-token-ids", "--out", str(out),
+                     "--no-progress"]) == 0
+        rows[base] = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    same = ("prompt_ids", "token_ids", "completion")
+    assert [[r[k] for k in same] for r in rows[smollm2_gguf()].values()] == \
+        [[r[k] for k in same] for r in rows[smollm2].values()]
     for i, q in enumerate(questions):
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                       return_dict=False)
         with torch.no_grad():
             want = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-        assert rows[f"q{i}"]["prompt_ids"] == list(ids)
-        assert rows[f"q{i}"]["token_ids"] == want
-
-
-def test_a_gguf_file_is_a_checkpoint(smollm2, tmp_path, monkeypatch):
-    """`--base FILE.gguf` decodes what the converted directory decodes (the conversion is the
-    one the fixture made, found in the cache: no second dequantization)."""
-    monkeypatch.setenv("JAXRAST_GGUF_CACHE", gguf_cache())
-    data = tmp_path / "q.jsonl"
-    data.write_text(json.dumps({"id": "q0", "question": QUESTIONS[0][0]}) + "\n")
-    rows = []
-    for i, base in enumerate((smollm2_gguf(), smollm2)):
-        out = tmp_path / f"out{i}.jsonl"
-        assert main(["decode", "--base", base, "--dataset", str(data), "--prompt-template", "chat",
-                     "--temperature", "0", "--max-new-tokens", "16", "--save-token-ids", "--out", str(out),
-                     "--no-progress"]) == 0
-        rows.append(json.loads(out.read_text()))
-    assert rows[0]["token_ids"] == rows[1]["token_ids"] and rows[0]["completion"] == rows[1]["completion"]
+        assert rows[smollm2][f"q{i}"]["prompt_ids"] == list(ids)
+        assert rows[smollm2][f"q{i}"]["token_ids"] == want
