@@ -18,7 +18,7 @@ EPILOG = """examples:
   jaxrast plan --config configs/tpu_vm/v5e-16_qwen2.5-32b_rast.yaml --device v5e --json
   jaxrast plan --base ckpts/my-model/config.json --mesh 1,4,2 --device-memory 24
 
-Models are checkpoint directories, config.json files, embedded configs (Qwen2.5-0.5B ... 72B,
+Models are checkpoint directories, config.json files, embedded configs (Qwen2.5-0.5B ... 72B, Qwen3-0.6B ... 32B,
 Llama-3.1-8B/70B and their Instruct / SimpleRL-Zoo variants) or hub ids in the local HF cache.
 Memory is in GB (1e9 bytes); --device-memory takes the vendor's GiB figure (16 for v5e).
 """
@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch", type=int, help="rows decoded together (default: the config's batch_size, else 16)")
     add("--prompt-len", type=int, default=512, help="prompt tokens per row (default 512)")
     add("--new-tokens", type=int, help="generated tokens per row (default: max_new_tokens, else 1024)")
+    add("--median-new-tokens", type=int, help="concurrency: the median generated length of a long-tailed "
+        "workload (log-normal, σ = 1, capped at --new-tokens; default an eighth of it)")
+    add("--samples", type=int, default=1, help="concurrency: samples per prompt (n), sharing its pages when paged "
+        "(default 1)")
+    add("--page-size", type=int, default=16, help="concurrency: tokens per KV page (default 16)")
     add("--dtype", choices=("bfloat16", "float32", "float16"), help="weights/KV/activations (default bfloat16)")
     add("--micro-batch", type=int, default=1, help="GRPO: sequences per forward/backward per data-parallel "
         "shard, i.e. per data×fsdp slice of the mesh (default 1)")
@@ -129,14 +134,32 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         return grpo_plan(inp["base"], models[0][2], dataclasses.replace(train, micro_batch=train.micro_batch * shards))
 
     devices = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+    rast = _section(lambda _: rast_plan(models, decode), sizes, capacity)
     return {"mesh": sizes, "devices": devices,
             "device": {"name": device, "memory_gib": gib, "usable": args.usable, "capacity_bytes": capacity},
             "base": inp["base"], "pairs": inp["pairs"],
             "decode": {**dataclasses.asdict(decode), "length": decode.length},
             "train": {**dataclasses.asdict(train),
                       "micro_batch_global": train.micro_batch * sizes["data"] * sizes["fsdp"]},
-            "rast": _section(lambda _: rast_plan(models, decode), sizes, capacity),
+            "rast": rast, "concurrency": _concurrency(args, models, decode, rast, capacity, devices),
             "grpo": _section(grpo, sizes, capacity)}
+
+
+def _concurrency(args, models, decode, rast: dict[str, Any], capacity: float, devices: int) -> dict[str, Any]:
+    """Rows in flight, dense vs paged, in the KV memory the plan leaves: every device's
+    capacity less its weights and activations."""
+    from jaxrast.plan.concurrency import Workload, concurrency
+    from jaxrast.plan.memory import itemsize
+
+    fixed = sum(c["per_device_bytes"] for c in rast["components"] if not c["name"].startswith("KV cache"))
+    work = Workload(prompt_len=decode.prompt_len, new_tokens=decode.new_tokens,
+                    median_new=args.median_new_tokens or max(1, decode.new_tokens // 8), samples=args.samples,
+                    page_size=args.page_size)
+    roles: dict[str, tuple[list[str], Any]] = {}  # a model listed twice (a shared ref) holds one cache
+    for role, name, cfg in models:
+        roles.setdefault(name, ([], cfg))[0].append(role)
+    named = [("/".join(r), cfg) for r, cfg in roles.values()]
+    return concurrency(named, work, max(0.0, capacity - fixed) * devices, itemsize(decode.dtype))
 
 
 def _gb(x: float) -> str:
@@ -168,6 +191,20 @@ def _table(title: str, section: dict[str, Any], report: dict[str, Any]) -> list[
     return lines
 
 
+def _concurrency_lines(c: dict[str, Any], d: dict[str, Any]) -> list[str]:
+    per_token = ", ".join(f"{name} {b / 1024:,.1f} KiB" for name, b in c["kv_bytes_per_token"].items())
+    dense, paged, shared = c["dense_rows"], c["paged_rows"], c["paged_rows_shared_prompt"]
+    gain = f" ({paged / dense:.1f}×)" if dense else ""
+    lines = [f"  rows in flight, in the {_gb(c['kv_budget_bytes'])} GB the weights and activations leave "
+             f"(KV per token: {per_token}):",
+             f"    dense slots of {d['prompt_len']} + {d['new_tokens']} positions: {dense:,}",
+             f"    paged, new tokens log-normal (median {c['median_new_tokens']}, σ 1, cap {d['new_tokens']}: "
+             f"{c['expected_new_tokens']:,.0f} expected), pages of {c['page_size']}: {paged:,}{gain}"]
+    if c["samples"] > 1:
+        lines.append(f"    paged, n = {c['samples']} samples sharing each prompt's pages: {shared:,}")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     d, t = report["decode"], report["train"]
     pairs = len(report["pairs"])
@@ -176,7 +213,8 @@ def format_report(report: dict[str, Any]) -> str:
     grpo_title = (f"GRPO-training {report['base']} directly: Adam, micro-batch {t['micro_batch_global']} × "
                   f"{t['seq_len']} tokens ({t['micro_batch']} per data-parallel shard), rollouts "
                   f"{t['rollout_batch']} × {t['seq_len']}")
-    lines = _table(rast_title, report["rast"], report) + [""] + _table(grpo_title, report["grpo"], report)
+    lines = (_table(rast_title, report["rast"], report) + _concurrency_lines(report["concurrency"], d) + [""]
+             + _table(grpo_title, report["grpo"], report))
     ratio = report["grpo"]["total_bytes"] / report["rast"]["total_bytes"]
     lines += ["", f"GRPO on the base needs {ratio:.1f}× the memory of RAST decoding "
               f"({_gb(report['grpo']['total_bytes'])} GB vs {_gb(report['rast']['total_bytes'])} GB in all)."]
