@@ -26,10 +26,14 @@ def write_questions(path, n: int, cycle: int | None = None) -> str:
 def hf_config(kind: str = "qwen2", *, vocab: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4,
               kv_heads: int = 2, inter: int = 96, tie: bool = False, rope_scaling: dict | None = None,
               init_range: float = 0.2, theta: float = 10000.0, max_pos: int = 2048, bias: bool = False,
-              head_dim: int | None = None):
-    """`bias`: llama's q/k/v/o and MLP biases, qwen3's q/k/v/o biases (qwen2 always has q/k/v
-    biases); `head_dim` (qwen3, llama): None is hidden // heads."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+              head_dim: int | None = None, window: int = 8, layer_types: tuple[str, ...] | None = None,
+              local_theta: float = 100.0, scalar: int | None = None, final_cap: float | None = None):
+    """`bias`: llama's q/k/v/o and MLP biases, qwen3's and gemma3's q/k/v/o biases (qwen2
+    always has q/k/v biases); `head_dim` (qwen3, llama, gemma3): None is hidden // heads.
+    gemma3 only: sliding `window`, `layer_types` (None: sliding, full, sliding, ...), the
+    sliding layers' RoPE `local_theta`, `query_pre_attn_scalar` (None: head_dim) and the final
+    logits' soft-cap (None: none)."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
                   initializer_range=init_range, max_position_embeddings=max_pos, rms_norm_eps=1e-6,
@@ -42,6 +46,13 @@ def hf_config(kind: str = "qwen2", *, vocab: int = 64, hidden: int = 64, layers:
         return Qwen2Config(**common, rope_parameters=rope)
     if kind == "qwen3":
         return Qwen3Config(**common, rope_parameters=rope, attention_bias=bias, head_dim=head_dim)
+    if kind == "gemma3":
+        types = layer_types or tuple("full_attention" if i % 2 else "sliding_attention" for i in range(layers))
+        return Gemma3TextConfig(
+            **common, attention_bias=bias, head_dim=head_dim, sliding_window=window, layer_types=list(types),
+            rope_parameters={"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                           "rope_theta": local_theta}},
+            query_pre_attn_scalar=scalar or head_dim, final_logit_softcapping=final_cap)
     return LlamaConfig(**common, rope_parameters=rope, attention_bias=bias, mlp_bias=bias, head_dim=head_dim)
 
 
@@ -60,8 +71,8 @@ def make_checkpoint(directory: str, kind: str = "qwen2", seed: int = 0, adds_bos
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, 0.2)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
+            elif "norm" in name:  # Gemma's norms scale by 1 + weight
+                p.uniform_(-0.5, 0.5) if kind == "gemma3" else p.uniform_(0.5, 1.5)
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     tok = char_tokenizer(CHARS)

@@ -7,7 +7,7 @@ Shapes: q [b, kv, g, t, d], k [b, kv, d, s], v [b, kv, s, d], allowed [b, t, s].
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,36 @@ KV_BLOCK = 128
 RAGGED_FROM = 4 * KV_BLOCK
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerAttention:
+    """What one decoder layer's attention computes, fixed when the model is built (static
+    under jit): scores are q·k / `divisor` (sqrt(head_dim); Gemma: sqrt(query_pre_attn_scalar)),
+    soft-capped to `softcap`·tanh(score / `softcap`) when set, and a sliding layer's query at
+    cache position p sees only keys in (p - `window`, p]; None: every earlier key."""
+
+    divisor: float
+    window: int | None = None
+    softcap: float | None = None
+
+
+def visible(query_positions, key_mask, window: int | None = None):
+    """allowed [b, t, s]: key j is visible to the query at cache position p when j <= p,
+    j > p - window (a sliding layer) and key_mask[b, j]. query_positions [b, t], key_mask [b, s]."""
+    keys = jnp.arange(key_mask.shape[1])
+    allowed = keys <= query_positions[..., None]
+    if window is not None:
+        allowed &= keys > query_positions[..., None] - window
+    return allowed & key_mask[:, None, :]
+
+
+def scores(q, k, layer: LayerAttention):
+    """Attention scores [b, kv, g, t, s] in float32, scaled and soft-capped as `layer` says."""
+    out = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) / layer.divisor
+    if layer.softcap is not None:
+        out = jnp.tanh(out / layer.softcap) * layer.softcap
+    return out
+
+
 def cache_length(max_len: int) -> int:
     """Positions a cache of `max_len` usable positions holds: a cache long enough for the
     ragged kernel is rounded up to whole `KV_BLOCK`s (blocks must tile it; smaller blocks
@@ -32,28 +62,28 @@ def _block_size(s: int) -> int:
     return next((n for n in (KV_BLOCK, 64, 32) if s % n == 0), s)  # slices must tile the cache
 
 
-def _partial(q, kb, vb, seen):
+def _partial(q, kb, vb, seen, layer: LayerAttention):
     """Softmax pieces of one block of keys: (max, sum of weights, weighted values) per
     query, with q [b, kv, g, t, d], kb [b, kv, d, n], vb [b, kv, n, d], seen [b, t, n]."""
-    scores = jnp.einsum("bkgtd,bkds->bkgts", q, kb, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    scores = jnp.where(seen[:, None, None], scores, MASKED)
-    top = jnp.max(scores, axis=-1)
-    weights = jnp.exp(scores - top[..., None])
+    masked = jnp.where(seen[:, None, None], scores(q, kb, layer), MASKED)
+    top = jnp.max(masked, axis=-1)
+    weights = jnp.exp(masked - top[..., None])
     pv = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
     return top, jnp.sum(weights, axis=-1), pv
 
 
-def dense_attention(q, k, v, allowed):
+def dense_attention(q, k, v, allowed, layer: LayerAttention):
     """Softmax attention over every key of the cache (the definition the kernels equal):
-    allowed [b, t, s] says which keys each query sees."""
-    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, MASKED), axis=-1).astype(v.dtype)
+    allowed [b, t, s] says which keys each query sees (`visible`)."""
+    probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores(q, k, layer), MASKED), axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
 
 
-def ragged_attention(q, k, v, allowed, bounds):
-    """Softmax attention of row r over the cache's first ceil(bounds[r] / block) blocks
-    (none for a bound of 0: the row's output is 0). The rows' (row, block) pairs are
+def ragged_attention(q, k, v, allowed, bounds, layer: LayerAttention, query_positions):
+    """Softmax attention of row r over the cache's blocks below ceil(bounds[r] / block)
+    (none for a bound of 0: the row's output is 0); a sliding layer's row starts at the
+    block holding its first query's first visible key (query_positions [b, t]), so a step
+    reads about `window` keys a row however long it is. The rows' (row, block) pairs are
     numbered end to end and computed b at a time (gathered blocks, one batched product
     each); each pair's softmax pieces land in a [b, blocks] table reduced over blocks in a
     fixed order. A row's result is a function of its own blocks only: bit for bit the same
@@ -63,13 +93,17 @@ def ragged_attention(q, k, v, allowed, bounds):
     block = _block_size(s)
     blocks = s // block
     # a bound of 0 (a free slot) reads no block and gives 0
-    need = jnp.clip((bounds + block - 1) // block, 0, blocks).astype(jnp.int32)  # [b]
+    last = jnp.clip((bounds + block - 1) // block, 0, blocks).astype(jnp.int32)  # [b]
+    first = jnp.zeros_like(last)
+    if layer.window is not None:  # blocks wholly behind every query's window hold no visible key
+        first = jnp.clip((jnp.min(query_positions, axis=1) - layer.window + 1) // block, 0, blocks).astype(jnp.int32)
+    need = jnp.maximum(last - first, 0)
     ends = jnp.cumsum(need)
     # the plan: pair p (iteration p // b, lane p % b) is block `at` of row `row`; b pairs an
     # iteration (more were no faster on CPU); past the last pair, `dest` drops it
     pair = jnp.arange(blocks * b, dtype=jnp.int32)
     row = jnp.minimum(jnp.sum(ends[None, :] <= pair[:, None], axis=1), b - 1).astype(jnp.int32)
-    at = jnp.clip(pair - (ends - need)[row], 0, blocks - 1)
+    at = jnp.clip(pair - (ends - need)[row] + first[row], 0, blocks - 1)
     dest = jnp.where(pair < ends[-1], row, b)
     row, at, dest = (x.reshape(blocks, b) for x in (row, at, dest))
 
@@ -83,7 +117,7 @@ def ragged_attention(q, k, v, allowed, bounds):
         kb = jax.vmap(lambda r, j: take(k, r, j, 3))(rows, ats)
         vb = jax.vmap(lambda r, j: take(v, r, j, 2))(rows, ats)
         seen = jax.vmap(lambda r, j: take(allowed, r, j, 2))(rows, ats)
-        top, total, acc = _partial(q[rows], kb, vb, seen)
+        top, total, acc = _partial(q[rows], kb, vb, seen, layer)
         piece = jnp.concatenate([acc, top[..., None], total[..., None]], axis=-1)
         return table.at[dest[i], ats].set(piece, mode="drop")
 

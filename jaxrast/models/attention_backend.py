@@ -13,7 +13,9 @@ On a mesh the chosen backend runs per device under `shard_map`, over the cache's
 so each device reads only its own rows' keys, exactly as on one device. The paged-KV work
 adds its kernels (Pallas ragged paged attention on TPU, paged / decode attention on GPU)
 here. Shapes: q [b, kv, g, t, d], k [b, kv, d, s], v [b, kv, s, d], query positions [b, t],
-key mask [b, s], bounds [b] (attention reads no key at or past a row's bound).
+key mask [b, s], bounds [b] (attention reads no key at or past a row's bound). Each call
+also gets the calling layer's `LayerAttention` (static): its score scale, soft-cap and
+sliding window, which every kind applies exactly as `dense` does.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxrast.models.attention import RAGGED_FROM, dense_attention, ragged_attention
+from jaxrast.models.attention import RAGGED_FROM, LayerAttention, dense_attention, ragged_attention, visible
 from jaxrast.models.cpu_attention import available as cpu_kernel_available
 from jaxrast.models.cpu_attention import decode_attention
 from jaxrast.models.partitioning import fit_spec
@@ -57,8 +59,8 @@ class AttentionBackend:
         """How logs and /metrics call it: the kind, and where a mesh runs it."""
         return self.kind if self.mesh is None else f"{self.kind} per device of {self.mesh.devices.size}"
 
-    def __call__(self, q, k, v, query_positions, key_mask, bounds):
-        local = functools.partial(_attend, self.kind)
+    def __call__(self, q, k, v, query_positions, key_mask, bounds, layer: LayerAttention):
+        local = functools.partial(_attend, self.kind, layer)
         if self.mesh is None or self.mesh.devices.size == 1:
             return local(q, k, v, query_positions, key_mask, bounds)
         mesh = self.mesh
@@ -76,13 +78,13 @@ class AttentionBackend:
         return run(q, k, v, query_positions, key_mask, bounds)
 
 
-def _attend(kind: str, q, k, v, query_positions, key_mask, bounds):
+def _attend(kind: str, layer: LayerAttention, q, k, v, query_positions, key_mask, bounds):
     if kind == "cpu_kernel":
-        return decode_attention(q, k, v, query_positions, key_mask).astype(v.dtype)
-    allowed = (jnp.arange(v.shape[2]) <= query_positions[..., None]) & key_mask[:, None, :]  # [b, t, s]
+        return decode_attention(q, k, v, query_positions, key_mask, layer).astype(v.dtype)
+    allowed = visible(query_positions, key_mask, layer.window)  # [b, t, s]
     if kind == "xla_ragged":
-        return ragged_attention(q, k, v, allowed, bounds)
-    return dense_attention(q, k, v, allowed)
+        return ragged_attention(q, k, v, allowed, bounds, layer, query_positions)
+    return dense_attention(q, k, v, allowed, layer)
 
 
 def choose(*, platform: str, mesh: Mesh | None, dtypes, head_dims, cache_len: int) -> AttentionBackend:

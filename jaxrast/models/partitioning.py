@@ -31,7 +31,8 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"mlp\.down_proj\.kernel$", P("tensor", "fsdp")),
     (r"mlp\.down_proj\.bias$", P()),
     # norm scales are tiny; q_norm/k_norm's [head_dim] is never split (tensor splits heads)
-    (r"(input_layernorm|post_attention_layernorm|self_attn\.q_norm|self_attn\.k_norm|norm)\.weight$", P()),
+    (r"(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm|"
+     r"self_attn\.q_norm|self_attn\.k_norm|norm)\.weight$", P()),
     (r"lm_head\.kernel$", P("fsdp", "tensor")),
 )
 KV_CACHE_SPEC = P(BATCH, "tensor", None, None)  # k [batch, kv_heads, d, len], v [batch, kv_heads, len, d]

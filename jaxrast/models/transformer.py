@@ -1,4 +1,4 @@
-"""The decoder-only transformer (Qwen2 / Qwen3 / Llama) in Flax NNX.
+"""The decoder-only transformer (Qwen2 / Qwen3 / Llama / Gemma 3) in Flax NNX.
 
 One forward serves every use: full-sequence scoring (training, analysis) and cached
 decoding (prefill, then one token per step). Shapes: tokens `[batch, time]`, hidden
@@ -9,6 +9,7 @@ per layer: keys `[batch, kv_heads, head_dim, max_len]`, values
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrast.models.attention import dense_attention
+from jaxrast.models.attention import LayerAttention, dense_attention, visible
 from jaxrast.models.attention_backend import AttentionBackend
 from jaxrast.models.config import ModelConfig
 from jaxrast.models.kv_cache import KVCache, write
@@ -24,11 +25,13 @@ from jaxrast.models.kv_cache import KVCache, write
 _INIT = nnx.initializers.normal(stddev=0.02)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies `[head_dim // 2]`, with linear or llama3 scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> np.ndarray:
+    """Inverse frequencies `[head_dim // 2]`, with linear or llama3 scaling applied; a
+    `sliding` layer (Gemma 3's local attention) has its own theta and no scaling."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = dict(cfg.rope_scaling)
+    theta = cfg.rope_local_base_freq if sliding else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = {} if sliding else dict(cfg.rope_scaling)
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -57,15 +60,23 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    """x / rms(x) scaled by (offset + weight), in float32; `offset` 1 for Gemma, whose
+    checkpoints store each scale minus one (its weights start at 0, the others' at 1)."""
+
+    def __init__(self, dim: int, eps: float, *, offset: float = 0.0, dtype, param_dtype):
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype))
         self.eps = eps
+        self.offset = offset
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.weight[...].astype(jnp.float32) * x32).astype(self.dtype)
+        return ((self.offset + self.weight[...].astype(jnp.float32)) * x32).astype(self.dtype)
+
+
+def _norm(cfg: ModelConfig, dim: int, dtype, param_dtype) -> RMSNorm:
+    return RMSNorm(dim, cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype, param_dtype=param_dtype)
 
 
 def _linear(cfg_in: int, cfg_out: int, bias: bool, dtype, param_dtype, rngs) -> nnx.Linear:
@@ -74,17 +85,20 @@ def _linear(cfg_in: int, cfg_out: int, bias: bool, dtype, param_dtype, rngs) -> 
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
+        window = cfg.layer_window(layer)
+        self.sliding = window is not None
+        # how this layer scores and which keys it sees: the same for every backend
+        self.layer_attention = LayerAttention(cfg.attention_divisor, window, cfg.attn_logit_softcapping)
         self.q_proj = _linear(h, cfg.num_attention_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
         self.k_proj = _linear(h, cfg.num_key_value_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
         self.v_proj = _linear(h, cfg.num_key_value_heads * d, cfg.attention_bias, dtype, param_dtype, rngs)
         self.o_proj = _linear(cfg.num_attention_heads * d, h, cfg.o_proj_bias, dtype, param_dtype, rngs)
         if cfg.qk_norm:
-            norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-            self.q_norm = RMSNorm(d, **norm)
-            self.k_norm = RMSNorm(d, **norm)
+            self.q_norm = _norm(cfg, d, dtype, param_dtype)
+            self.k_norm = _norm(cfg, d, dtype, param_dtype)
 
     def __call__(self, x, positions, key_mask, query_index, k_cache=None, v_cache=None, index=None,
                  attention: AttentionBackend | None = None, kv_len=None):
@@ -98,7 +112,7 @@ class Attention(nnx.Module):
         """
         cfg = self.cfg
         b, t, _ = x.shape
-        inv_freq = rope_inv_freq(cfg)
+        inv_freq = rope_inv_freq(cfg, self.sliding)
         # Projections run as 2-D matmuls over [b*t, h]: XLA:CPU computes the weight
         # gradient of a 3-D dot ~1.5x slower (two contracting dims).
         x = x.reshape(b * t, -1)
@@ -116,22 +130,30 @@ class Attention(nnx.Module):
         if k_cache is not None:
             k_cache, v_cache = write(k_cache, k, index, axis=3), write(v_cache, v, index, axis=2)
             k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
-        s = v.shape[2]
         # GQA: group query heads by their shared kv head instead of repeating k/v.
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
         query_index = jnp.broadcast_to(query_index, (b, t))
         if attention is not None and k_cache is not None:
-            bounds = jnp.full((b,), s, jnp.int32) if kv_len is None else kv_len
-            out = attention(q, k, v, query_index, key_mask, bounds)
+            bounds = jnp.full((b,), v.shape[2], jnp.int32) if kv_len is None else kv_len
+            out = attention(q, k, v, query_index, key_mask, bounds, self.layer_attention)
         else:
-            out = dense_attention(q, k, v, (jnp.arange(s) <= query_index[..., None]) & key_mask[:, None, :])
+            allowed = visible(query_index, key_mask, self.layer_attention.window)
+            out = dense_attention(q, k, v, allowed, self.layer_attention)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, -1)
         return self.o_proj(out).reshape(b, t, -1), k_cache, v_cache
 
 
+# MLP activations by their transformers names (`ModelConfig.hidden_act`); pytorch's tanh GELU
+# is jax's approximate one
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
 class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)) (SwiGLU; Gemma's GeGLU with tanh GELU)."""
+
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         h, i = cfg.hidden_size, cfg.intermediate_size
+        self.hidden_act = cfg.hidden_act
         self.gate_proj = _linear(h, i, cfg.mlp_bias, dtype, param_dtype, rngs)
         self.up_proj = _linear(h, i, cfg.mlp_bias, dtype, param_dtype, rngs)
         self.down_proj = _linear(i, h, cfg.mlp_bias, dtype, param_dtype, rngs)
@@ -139,28 +161,41 @@ class MLP(nnx.Module):
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # 2-D matmuls, as in Attention
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)).reshape(shape)
+        act = _ACTIVATIONS[self.hidden_act]
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x)).reshape(shape)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+    """Pre-norm residual block. HF's names are kept, and so is their one inconsistency: in
+    Qwen / Llama `post_attention_layernorm` norms the MLP's input; with Gemma 3's
+    `sandwich_norms` it norms the attention's output, and `pre_feedforward_layernorm` /
+    `post_feedforward_layernorm` the MLP's input and output."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.sandwich_norms = cfg.sandwich_norms
+        self.input_layernorm = _norm(cfg, cfg.hidden_size, dtype, param_dtype)
+        self.self_attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = _norm(cfg, cfg.hidden_size, dtype, param_dtype)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = _norm(cfg, cfg.hidden_size, dtype, param_dtype)
+            self.post_feedforward_layernorm = _norm(cfg, cfg.hidden_size, dtype, param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, positions, key_mask, query_index, k_cache=None, v_cache=None, index=None,
                  attention=None, kv_len=None):
         attn, k_cache, v_cache = self.self_attn(
             self.input_layernorm(x), positions, key_mask, query_index, k_cache, v_cache, index, attention, kv_len)
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        if self.sandwich_norms:
+            x = x + self.post_attention_layernorm(attn)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + attn
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k_cache, v_cache
 
 
 class CausalLM(nnx.Module):
-    """Qwen2 / Qwen3 / Llama causal language model.
+    """Qwen2 / Qwen3 / Llama / Gemma 3 causal language model.
 
     Parameter paths mirror HF names (`embed_tokens`, `layers[i].self_attn.q_proj`, ...);
     Linear kernels are stored `[in, out]` (the transpose of torch's `weight`).
@@ -173,9 +208,9 @@ class CausalLM(nnx.Module):
         self.remat = remat
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype, embedding_init=_INIT, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for i in range(cfg.num_hidden_layers)])
+        self.norm = _norm(cfg, cfg.hidden_size, dtype, param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, param_dtype, rngs)
 
@@ -224,6 +259,8 @@ class CausalLM(nnx.Module):
         # remat saves memory for a backward pass; a cached (decoding) forward has none
         block_fn = nnx.remat(Block.__call__) if self.remat and cache is None else Block.__call__
         x = self.embed_tokens(tokens)
+        if self.cfg.embed_scale is not None:  # in the compute dtype, as transformers does (bf16: 25.25 for 25.3)
+            x = x * jnp.asarray(self.cfg.embed_scale, x.dtype)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             kc = cache.k[i] if cache is not None else None
@@ -248,7 +285,9 @@ class CausalLM(nnx.Module):
             out = self.embed_tokens.attend(hidden)
         else:
             out = self.lm_head(hidden)
-        return out.reshape(*shape[:-1], -1).astype(jnp.float32)
+        out = out.reshape(*shape[:-1], -1).astype(jnp.float32)
+        cap = self.cfg.final_logit_softcapping
+        return out if cap is None else jnp.tanh(out / cap) * cap
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

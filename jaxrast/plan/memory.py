@@ -76,6 +76,8 @@ def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     out = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+    if cfg.sandwich_norms:
+        out["pre_feedforward_layernorm.weight"] = out["post_feedforward_layernorm.weight"] = (h,)
     for name, width in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
         out[f"self_attn.{name}.kernel"] = (h, width)
         if cfg.attention_bias:

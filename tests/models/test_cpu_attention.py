@@ -1,6 +1,8 @@
-"""The CPU decode-attention kernel: the same attention as XLA's ops, a row's result a
-function of its own keys only, and a clean fallback where it cannot be built."""
+"""The CPU decode-attention kernel: the same attention as XLA's ops (sliding windows, score
+scales and soft-caps included), a row's result a function of its own keys only, and a clean
+fallback where it cannot be built."""
 
+import functools
 import logging
 import math
 
@@ -10,16 +12,28 @@ import numpy as np
 import pytest
 
 from jaxrast.models import cpu_attention
-from jaxrast.models.attention import MASKED
+from jaxrast.models.attention import MASKED, LayerAttention
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ compiler to build the kernel")
 
 
-def xla_attention(q, k, v, positions, key_mask):
-    allowed = (np.arange(k.shape[-1])[None, None, :] <= positions[:, :, None]) & key_mask[:, None, :]
-    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k) / math.sqrt(q.shape[-1])
+def xla_attention(q, k, v, positions, key_mask, layer=None):
+    """The definition, written out: causal, masked, windowed, scaled, soft-capped."""
+    layer = layer or LayerAttention(math.sqrt(q.shape[-1]))
+    keys = np.arange(k.shape[-1])[None, None, :]
+    allowed = (keys <= positions[:, :, None]) & key_mask[:, None, :]
+    if layer.window:
+        allowed &= keys > positions[:, :, None] - layer.window
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k) / layer.divisor
+    if layer.softcap:
+        scores = jnp.tanh(scores / layer.softcap) * layer.softcap
     scores = jnp.where(allowed[:, None, None], scores, MASKED)
     return jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def kernel(q, k, v, positions, key_mask, layer=None):
+    layer = layer or LayerAttention(math.sqrt(q.shape[-1]))
+    return jax.jit(functools.partial(cpu_attention.decode_attention, layer=layer))(q, k, v, positions, key_mask)
 
 
 def inputs(rng, b, kv, g, t, d, s, holes=False):
@@ -39,9 +53,35 @@ def inputs(rng, b, kv, g, t, d, s, holes=False):
 def test_kernel_equals_xla_attention(g, d, t, s, holes):
     rng = np.random.default_rng(s + g)
     args = inputs(rng, 5, 2, g, t, d, s, holes)
-    got = np.asarray(jax.jit(cpu_attention.decode_attention)(*args))
+    got = np.asarray(kernel(*args))
     want = np.asarray(xla_attention(*args))
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-5)
+
+
+# windows shorter than, across and longer than a tile of 8 keys, and longer than the cache;
+# Gemma's score divisor (sqrt(query_pre_attn_scalar), not sqrt(d)) and a soft-cap
+@pytest.mark.parametrize("window,divisor,softcap,t,holes", [(1, None, None, 1, False), (8, None, None, 1, True),
+                                                           (13, 5.0, None, 4, False), (37, None, 2.0, 3, True),
+                                                           (1000, 7.0, 1.5, 2, False)])
+def test_kernel_window_scale_and_softcap_equal_xla_attention(window, divisor, softcap, t, holes):
+    rng = np.random.default_rng(window)
+    args = inputs(rng, 5, 2, 2, t, 16, 256, holes)
+    layer = LayerAttention(divisor or 4.0, window, softcap)
+    got = np.asarray(kernel(*args, layer))
+    np.testing.assert_allclose(got, np.asarray(xla_attention(*args, layer)), atol=2e-6, rtol=2e-5)
+
+
+def test_a_sliding_layer_never_reads_keys_behind_its_window():
+    """NaN in every key and value before each query's window changes nothing (the kernel
+    scores the tile of 8 keys the window starts in, and masks the ones behind it)."""
+    rng = np.random.default_rng(4)
+    q, k, v, positions, key_mask = inputs(rng, 4, 2, 3, 1, 24, 320)
+    layer = LayerAttention(5.0, 21)
+    base = np.asarray(kernel(q, k, v, positions, key_mask, layer))
+    k2, v2 = k.copy(), v.copy()
+    for r, p in enumerate(positions[:, 0]):
+        k2[r, :, :, :max(p - 20, 0)], v2[r, :, :max(p - 20, 0)] = np.nan, np.nan
+    np.testing.assert_array_equal(np.asarray(kernel(q, k2, v2, positions, key_mask, layer)), base)
 
 
 def test_a_row_depends_on_its_own_keys_only():
@@ -49,7 +89,7 @@ def test_a_row_depends_on_its_own_keys_only():
     it sits in; keys past its position are never read (NaN there changes nothing)."""
     rng = np.random.default_rng(0)
     q, k, v, positions, key_mask = inputs(rng, 6, 2, 4, 1, 40, 640)
-    run = jax.jit(cpu_attention.decode_attention)
+    run = kernel
     base = np.asarray(run(q, k, v, positions, key_mask))
     order = np.array([3, 0, 5, 1, 4, 2])
     moved = np.asarray(run(q[order], k[order], v[order], positions[order], key_mask[order]))
@@ -66,7 +106,7 @@ def test_a_query_that_sees_nothing_gives_zero():
     rng = np.random.default_rng(1)
     q, k, v, positions, key_mask = inputs(rng, 2, 1, 2, 1, 16, 64)
     positions[:] = -1
-    assert not np.asarray(jax.jit(cpu_attention.decode_attention)(q, k, v, positions, key_mask)).any()
+    assert not np.asarray(kernel(q, k, v, positions, key_mask)).any()
 
 
 def test_without_a_compiler_the_kernel_is_off_and_says_why(monkeypatch, caplog):

@@ -21,9 +21,14 @@ def copy_ckpt(src, dst):
 
 
 # qwen3 with every option its export must carry: biases (q/k/v and o_proj), q/k norms, an
-# explicit head_dim (not hidden / heads), tied embeddings
+# explicit head_dim (not hidden / heads), tied embeddings; gemma3 also with its layer types and
+# window (8, under the 64-token prompt), both RoPE sets (linear scaling on the full layers), a
+# score scalar and a final soft-cap
+GEMMA3 = dict(bias=True, head_dim=24, kv_heads=1, layers=3, scalar=20, final_cap=3.0,
+              rope_scaling={"rope_type": "linear", "factor": 4.0})
 @pytest.mark.parametrize("kind,kw", [("qwen2", dict(tie=True)),
-                                     ("qwen3", dict(tie=True, bias=True, head_dim=24, kv_heads=1))])
+                                     ("qwen3", dict(tie=True, bias=True, head_dim=24, kv_heads=1)),
+                                     ("gemma3", GEMMA3)])
 def test_round_trip_save_hf_loads_in_transformers(ckpt_dir, tmp_path, kind, kw):
     model, cfg, tok = load_model(ckpt_dir(kind, **kw))
     out = save_hf(model, tok, str(tmp_path / "out"))
@@ -97,7 +102,8 @@ def test_unsupported_model_type(tmp_path, ckpt_dir):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["model_type"] = "gpt2"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; jaxrast supports qwen2, qwen3, llama"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; jaxrast supports qwen2, qwen3, llama, "
+                                         "gemma3_text"):
         load_model(d)
 
 
@@ -113,6 +119,51 @@ def test_qwen3_config_defaults_and_sliding_window_refused():
     assert cfg.to_hf_dict()["architectures"] == ["Qwen3ForCausalLM"]
     with pytest.raises(ValueError, match="use_sliding_window=true is not supported"):
         ModelConfig.from_hf_dict({**raw, "use_sliding_window": True})
+
+
+GEMMA3_RAW = dict(model_type="gemma3_text", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=7,
+                  num_attention_heads=4, num_key_value_heads=1)
+
+
+@pytest.mark.parametrize("extra", [
+    {},  # every default: head_dim 256, tied, window 4096, θ 1e6 / 1e4, scalar 256, every 6th layer full
+    # the older file layout: top-level rope_theta / rope_local_base_freq / rope_scaling, a pattern
+    dict(rope_theta=5e5, rope_local_base_freq=2e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+         sliding_window_pattern=3, sliding_window=64, head_dim=16, tie_word_embeddings=False, query_pre_attn_scalar=8),
+])
+def test_gemma3_config_read_as_transformers_reads_it(extra):
+    """Each layer's window and RoPE, the defaults of absent keys, the activation and the score
+    scale agree with transformers' own Gemma3TextConfig of the same dict."""
+    from transformers import Gemma3TextConfig
+    raw = {**GEMMA3_RAW, **extra}
+    cfg, hf = ModelConfig.from_hf_dict(raw), Gemma3TextConfig(**raw)
+    assert cfg.layer_types == tuple(hf.layer_types) and cfg.sliding_window == hf.sliding_window
+    assert [cfg.layer_window(i) for i in range(7)] == [
+        hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
+    full, local = hf.rope_parameters["full_attention"], hf.rope_parameters["sliding_attention"]
+    assert (cfg.rope_theta, cfg.rope_local_base_freq) == (full["rope_theta"], local["rope_theta"])
+    assert dict(cfg.rope_scaling) == {k: v for k, v in full.items() if k != "rope_theta"}
+    assert (cfg.head_dim, cfg.tie_word_embeddings, cfg.hidden_act) == (hf.head_dim, hf.tie_word_embeddings,
+                                                                      hf.hidden_activation)
+    assert cfg.attention_divisor == hf.query_pre_attn_scalar**0.5
+    assert cfg.qk_norm and cfg.sandwich_norms and cfg.norm_offset == 1.0 and cfg.embed_scale == 8.0
+    back = ModelConfig.from_hf_dict(cfg.to_hf_dict())
+    assert back == cfg and cfg.to_hf_dict()["architectures"] == ["Gemma3ForCausalLM"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (dict(attn_logit_softcapping=50.0), "transformers' Gemma 3 ignores it"),
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention=true"),
+    (dict(layer_types=["sliding_attention"] * 3), "layer_types must list 7 entries"),
+    (dict(layer_types=["local"] * 7), "layer_types must list 7 entries"),
+    (dict(sliding_window=0), "sliding_window must be a whole number"),
+    (dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+     "rope scaling on sliding_attention layers"),
+    (dict(hidden_activation="relu"), "MLP activation 'relu' is not supported"),
+])
+def test_gemma3_config_errors_name_the_setting(extra, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_dict({**GEMMA3_RAW, **extra})
 
 
 def test_wrong_tensor_shape(tmp_path, ckpt_dir):

@@ -1,4 +1,5 @@
-"""Meshes over 8 fake CPU devices: same logits as one device (qwen2, qwen3), params sharded per the rule table."""
+"""Meshes over 8 fake CPU devices: same logits as one device (qwen2, qwen3, gemma3), params sharded
+per the rule table."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrast.models.attention_backend import AttentionBackend
 from jaxrast.models.hf import load_model
 from jaxrast.models.kv_cache import KVCache
 from jaxrast.models.partitioning import TOKENS_SPEC, cache_sharding, fit_spec, path_str, rule_for, shard_model
@@ -20,11 +22,12 @@ def test_eight_fake_devices():
 
 # qwen3 at tensor=4: k_proj's layout splits its 2 kv heads of dim 24 mid-head, and q_norm / k_norm
 # (replicated) must still normalise each whole head
-@pytest.mark.parametrize("kind,fsdp,tensor", [("qwen2", 2, 4), ("qwen2", 4, 2), ("qwen3", 2, 4)])
+# gemma3 as well: its four norms a block replicated, sliding and full layers on the mesh
+@pytest.mark.parametrize("kind,fsdp,tensor", [("qwen2", 2, 4), ("qwen2", 4, 2), ("qwen3", 2, 4), ("gemma3", 2, 4)])
 def test_mesh_logits_match_single_device(ckpt_dir, kind, fsdp, tensor):
     # Sharded matmuls sum in a different order, so float32 differences scale with the logits'
     # magnitude: at |z| <= ~3.5 (init 0.1) they are ~2e-6; at |z| ~ 7 (init 0.2) ~1.5e-5.
-    d = ckpt_dir(kind, kv_heads=2, init_range=0.1, **(dict(head_dim=24) if kind == "qwen3" else {}))
+    d = ckpt_dir(kind, kv_heads=2, init_range=0.1, **(dict(head_dim=24) if kind != "qwen2" else {}))
     ids = jnp.asarray(np.random.RandomState(0).randint(3, 46, (4, 96)))
     single, _, _ = load_model(d)
     want, _ = jax.jit(lambda m, x: m(x))(single, ids)
@@ -49,6 +52,11 @@ def test_mesh_logits_match_single_device(ckpt_dir, kind, fsdp, tensor):
     assert cache.k[0].sharding.spec == kv_spec
     logits, cache = jax.jit(lambda m, x, c: m(x, cache=c))(model, batch_ids, cache)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=f32_atol(want, cfg), rtol=0)
+    if kind == "gemma3":  # the engine's backend per device under shard_map, each layer's window with it
+        backend, bounds = AttentionBackend("xla_ragged", mesh), jnp.full((4,), 96, jnp.int32)
+        fresh = jax.device_put(KVCache.init(cfg, batch=4, max_len=128), cache_sharding(mesh, cache))
+        logits, _ = jax.jit(lambda m, x, c: m(x, cache=c, attention=backend, kv_len=bounds))(model, batch_ids, fresh)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=f32_atol(want, cfg), rtol=0)
 
 
 def f32_atol(want, cfg) -> float:

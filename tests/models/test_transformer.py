@@ -1,4 +1,4 @@
-"""Logit parity of the NNX decoder with transformers' PyTorch Qwen2/Qwen3/Llama (float32 and bf16)."""
+"""Logit parity of the NNX decoder with transformers' PyTorch Qwen2/Qwen3/Llama/Gemma 3 (float32 and bf16)."""
 
 import chex
 import jax
@@ -26,6 +26,12 @@ CONFIGS = {
     # q/k norms over a head_dim that is not hidden / heads (64 / 4 = 16); tied embeddings and
     # biases (q/k/v and o_proj, as llama's) are covered by the export round trip
     "qwen3-head-dim-gqa2": ("qwen3", dict(kv_heads=2, head_dim=24)),
+    # a window of 8 (the prompts are far longer), sliding and full layers with their own RoPE θ
+    "gemma3-sliding-full": ("gemma3", dict(kv_heads=2, window=8)),
+    # three layers (sliding, full, sliding), tied, one kv head of dim 24, a score scalar that is
+    # not head_dim, linear RoPE scaling on the full layer, soft-capped final logits
+    "gemma3-tied-capped": ("gemma3", dict(layers=3, tie=True, kv_heads=1, head_dim=24, scalar=20, final_cap=3.0,
+                                          rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
 ATOL_F32 = 1e-4
 # bfloat16 keeps 8 mantissa bits; logits of magnitude ~10 after 2 layers differ by up to
@@ -68,7 +74,8 @@ def test_logits_from_and_last_only_slice_the_full_forward(ckpt_dir):
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["qwen2-untied-gqa2", "llama3-rope-scaling", "qwen3-head-dim-gqa2"])
+@pytest.mark.parametrize("name", ["qwen2-untied-gqa2", "llama3-rope-scaling", "qwen3-head-dim-gqa2",
+                                  "gemma3-tied-capped"])
 def test_left_padded_prefill_and_cached_decode_parity(ckpt_dir, name):
     """Rows of different lengths, left padded; prefill then 1 token per step with the cache."""
     kind, kw = CONFIGS[name]
@@ -97,14 +104,11 @@ def test_left_padded_prefill_and_cached_decode_parity(ckpt_dir, name):
         np.testing.assert_allclose(got[i], ref, atol=ATOL_F32, rtol=0)
 
 
-def test_qwen3_engine_greedy_equals_transformers_generate(ckpt_dir):
-    """The engine's programs (chunked prefill into slots, then cached decode steps) on a Qwen3
-    model: each greedy row is transformers' greedy `generate` of its prompt."""
-    kind, kw = CONFIGS["qwen3-head-dim-gqa2"]
-    d = ckpt_dir(kind, **kw)
+def engine_greedy_equals_generate(d, prompts, steps, max_len, attention=None):
+    """The engine's programs (chunked prefill into slots, then cached decode steps): each
+    greedy row is transformers' greedy `generate` of its prompt."""
     model, _, tok = load_model(d)
-    prompts, steps = ["abc de", "hello world 12+3= qq rr ss tt"], 12
-    rows = RAST(model, tokenizer=tok, batch_size=2, max_len=64).generate(
+    rows = RAST(model, tokenizer=tok, batch_size=2, max_len=max_len, attention=attention).generate(
         prompts, SamplingParams(temperature=0, max_new_tokens=steps))
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     padding = list(range(len(tok), hf.config.vocab_size))  # embedding rows past the tokenizer: never sampled
@@ -113,6 +117,22 @@ def test_qwen3_engine_greedy_equals_transformers_generate(ckpt_dir):
         want = hf.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, eos_token_id=tok.eos_token_id,
                            pad_token_id=0, suppress_tokens=padding)[0, len(ids):].tolist()
         assert row.token_ids == want
+
+
+def test_qwen3_engine_greedy_equals_transformers_generate(ckpt_dir):
+    kind, kw = CONFIGS["qwen3-head-dim-gqa2"]
+    engine_greedy_equals_generate(ckpt_dir(kind, **kw), ["abc de", "hello world 12+3= qq rr ss tt"], 12, 64)
+
+
+@pytest.mark.parametrize("kind", ["cpu_kernel", "xla_ragged", "dense"])
+def test_gemma3_engine_greedy_equals_transformers_generate(ckpt_dir, kind):
+    """Through each backend, with prompts and continuations far past the window of 8: a cache of
+    96 positions is three 32-key blocks for the ragged kernel, which skips those behind the window."""
+    if kind == "cpu_kernel" and not cpu_kernel_available():
+        pytest.skip("no C++ compiler: the CPU kernel is not built")
+    name, kw = CONFIGS["gemma3-tied-capped"]
+    prompts = ["abc de 12+3= qq rr ss tt uu vv ww xx yy zz 45", "hello world 7*8=56 and then some more text"]
+    engine_greedy_equals_generate(ckpt_dir(name, **kw), prompts, 16, 96, AttentionBackend(kind))
 
 
 def test_bfloat16_within_documented_bound(ckpt_dir):

@@ -37,6 +37,7 @@ SMALL = {
     "llama": dict(model_type="llama", num_key_value_heads=4),
     "llama_biases_head_dim": dict(model_type="llama", attention_bias=True, mlp_bias=True, head_dim=24),
     "qwen3_qk_norm_biases": dict(model_type="qwen3", attention_bias=True, head_dim=24),
+    "gemma3_sandwich_norms": dict(model_type="gemma3_text", attention_bias=True, head_dim=24),
 }
 
 

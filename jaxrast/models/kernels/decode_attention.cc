@@ -9,7 +9,11 @@
 //
 // Shapes: q [b, kv, g, t, d], k [b, kv, d, s] (keys transposed), v [b, kv, s, d],
 // qpos [b, t] int32, kmask [b, s] bool; out [b, kv, g, t, d]. Query (b, t) sees key j when
-// j <= qpos[b, t] and kmask[b, j]. s and d must be multiples of 8; float32 only.
+// j <= qpos[b, t] and kmask[b, j] and, with a sliding window (attribute window > 0),
+// j > qpos[b, t] - window: no value behind the window is read (keys only in the tile of 8
+// that the window starts in, masked). Scores are q.k /
+// divisor, soft-capped to softcap * tanh(score / softcap) when softcap > 0. s and d must be
+// multiples of 8; float32 only.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -125,7 +129,7 @@ static void weighted(const float* w, int64_t S, const float* Vb, int64_t D, int6
 
 static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                   ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::PRED> kmask,
-                                  ffi::ResultBuffer<ffi::F32> out) {
+                                  ffi::ResultBuffer<ffi::F32> out, float divisor, int64_t window, float softcap) {
   auto qd = q.dimensions();
   const int64_t B = qd[0], H = qd[1], G = qd[2], T = qd[3], D = qd[4];
   const int64_t S = k.dimensions()[3];
@@ -136,7 +140,7 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
   const int32_t* P = qpos.typed_data();
   const bool* M = kmask.typed_data();
   float* O = out->typed_data();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float scale = 1.0f / divisor;
   std::vector<float> sc(G * S), qs(G * D);
   std::vector<v8> acc(G * D / 8);
   std::vector<float> totals(G);
@@ -149,9 +153,14 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
         int64_t n = static_cast<int64_t>(P[b * T + t]) + 1;
         n = n < 0 ? 0 : (n > S ? S : n);
         const int64_t n8 = (n + 7) / 8 * 8;
+        // the first visible key, and the tile holding it: keys [lo8, n8) are scored, the
+        // ones before lo masked like those at or past n
+        int64_t lo = window > 0 ? n - window : 0;
+        lo = lo < 0 ? 0 : (lo > n ? n : lo);
+        const int64_t lo8 = lo / 8 * 8;
         for (int64_t g = 0; g < G; ++g)
           for (int64_t dd = 0; dd < D; ++dd) qs[g * D + dd] = Q[(((b * H + h) * G + g) * T + t) * D + dd] * scale;
-        for (int64_t j = 0; j < n8; j += 8) {
+        for (int64_t j = lo8; j < n8; j += 8) {
           switch (G) {
             case 1: scores8<1>(Kb, S, D, qs.data(), j, sc.data()); break;
             case 2: scores8<2>(Kb, S, D, qs.data(), j, sc.data()); break;
@@ -164,26 +173,31 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
             default: scores_any(Kb, S, D, qs.data(), G, j, sc.data());
           }
         }
-        const bool all_seen = std::memchr(mrow, 0, n) == nullptr;  // the engine's case: no hole below n
+        const bool all_seen = std::memchr(mrow + lo, 0, n - lo) == nullptr;  // the engine's case: no hole
         for (int64_t g = 0; g < G; ++g) {
           float* sg = sc.data() + g * S;
+          if (softcap > 0.0f)
+            for (int64_t j = lo; j < n; ++j) sg[j] = softcap * std::tanh(sg[j] / softcap);
           if (all_seen) {
+            for (int64_t j = lo8; j < lo; ++j) sg[j] = -INFINITY;
             for (int64_t j = n; j < n8; ++j) sg[j] = -INFINITY;
           } else {
-            for (int64_t j = 0; j < n8; ++j) sg[j] = (j < n && mrow[j]) ? sg[j] : -INFINITY;
+            for (int64_t j = lo8; j < n8; ++j) sg[j] = (j >= lo && j < n && mrow[j]) ? sg[j] : -INFINITY;
           }
           v8 mx = splat(-INFINITY);
-          for (int64_t j = 0; j < n8; j += 8) { v8 x = load(sg + j); mx = x > mx ? x : mx; }
+          for (int64_t j = lo8; j < n8; j += 8) { v8 x = load(sg + j); mx = x > mx ? x : mx; }
           const float top = hmax(mx);
           v8 tot = splat(0.0f);
           if (top == -INFINITY) {  // sees no key (never in the engine: a query sees itself): 0
-            for (int64_t j = 0; j < n8; j += 8) store(sg + j, splat(0.0f));
+            for (int64_t j = lo8; j < n8; j += 8) store(sg + j, splat(0.0f));
           } else {
-            for (int64_t j = 0; j < n8; j += 8) { v8 w = exp8(load(sg + j) - splat(top)); store(sg + j, w); tot += w; }
+            for (int64_t j = lo8; j < n8; j += 8) { v8 w = exp8(load(sg + j) - splat(top)); store(sg + j, w); tot += w; }
           }
           totals[g] = hsum(tot);
         }
-        weighted(sc.data(), S, Vb, D, G, n, acc.data());
+        // the weights of the visible keys lo .. n-1 against their rows of V: no value behind
+        // the window is read (a key there is, in its tile of 8, and masked)
+        weighted(sc.data() + lo, S, Vb + lo * D, D, G, n - lo, acc.data());
         for (int64_t g = 0; g < G; ++g) {
           float* o = O + (((b * H + h) * G + g) * T + t) * D;
           const float total = totals[g];
@@ -203,4 +217,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrast_decode_attention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("divisor")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap"));
