@@ -40,6 +40,19 @@ def ckpt_dir(tmp_path_factory):
     return make
 
 
+# The files that take longest (~100-220 s each on 2 cores) run first: workers take whole files
+# (--dist loadfile) in collection order, and one started last would leave the others idle.
+LONGEST_FIRST = ("project/test_docs.py", "rast/test_engine.py", "runtime/test_multihost.py",
+                 "serve/test_real_clients.py", "rast/test_decoding.py", "grpo/test_grpo_train.py",
+                 "rast/test_speculative.py", "models/test_transformer.py", "models/test_gemma3_real.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(os.path.abspath(__file__))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.relpath(str(item.path), here), len(rank)))  # stable
+
+
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pyproject's addopts): one worker per core, at most one per 6 GiB of memory
     (a worker holding 8 fake devices' decoding programs peaks near 6 GiB), at most 4 (the

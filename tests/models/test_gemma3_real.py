@@ -71,13 +71,13 @@ def test_logits_past_the_window_equal_transformers(gemma, torch_model):
 
 
 def test_engine_greedy_equals_transformers_generate(gemma, torch_model):
-    """"The capital of France is" (the tokenizer adds BOS), and a 500-token prompt whose 40
+    """"The capital of France is" (the tokenizer adds BOS), and a 500-token prompt whose 24
     new tokens cross the window, in one engine of mixed row lengths."""
     import torch
 
     _, model, _, tok = gemma
     long = tok.decode(tok(long_text(70), add_special_tokens=False)["input_ids"][:500])
-    prompts, steps = ["The capital of France is", long], 40
+    prompts, steps = ["The capital of France is", long], 24
     engine = RAST(model, tokenizer=tok, batch_size=2, max_len=576)
     assert engine.attention.startswith(("cpu_kernel", "xla_ragged"))
     rows = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=steps))

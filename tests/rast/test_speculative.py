@@ -72,7 +72,7 @@ def test_sampled_speculative_follows_the_target_law(models, temperature, top_p):
     (γ = 3, draws of many rows) is RAST's: p(x1) p(x2 | x1), chi-square over the cells with
     enough expected mass."""
     base, (rl, ref, _, _), tok = models
-    lam, draws, prompt = 0.9, 6000, "hello world 12+3="
+    lam, draws, prompt = 0.9, 4000, "hello world 12+3="
     eng = RAST(base, [Pair(rl, ref, lam)], tokenizer=tok, batch_size=500, speculative=3, max_len=64)
     res = eng.generate([prompt], SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=2, n=draws,
                                                 seed=11, stop_token_ids=()), progress=False)

@@ -111,7 +111,7 @@ def lm_eval_cli(model: str, url: str, tokenizer: str, tasks: str, names: str, ou
     args = f"model=jaxrast,base_url={url},num_concurrent=2,max_retries=1,tokenizer_backend=huggingface," \
            f"tokenizer={tokenizer}"
     cmd = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", args, "--include_path", tasks,
-           "--tasks", names, "--log_samples", "--output_path", out]
+           "--tasks", names, "--batch_size", "8", "--log_samples", "--output_path", out]  # 8 prompts a request
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
