@@ -7,7 +7,6 @@ Modules are imported lazily so `jaxrast --help` stays fast and a command's heavy
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import importlib
 import sys
@@ -49,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupts(sys.unraisablehook)
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError) as err:
@@ -67,21 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\njaxrast {args.command}: interrupted (Ctrl-C){_RESUME_HINTS.get(args.command, '.')}",
               file=sys.stderr)
         return 130
-    finally:
-        sys.unraisablehook = previous_hook
-
-
-def _redeliver_interrupts(previous):
-    """An unraisable-exception hook that delivers a swallowed Ctrl-C again. Python drops an
-    exception raised inside a garbage-collector callback (JAX registers one) as
-    "unraisable": a KeyboardInterrupt landing there was lost, and the command ran on to
-    exit 0 (seen once under load). `interrupt_main` raises it again in the main thread."""
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            _thread.interrupt_main()
-        else:
-            previous(unraisable)
-    return hook
 
 
 if __name__ == "__main__":

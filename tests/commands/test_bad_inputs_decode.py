@@ -348,12 +348,16 @@ def test_a_second_writer_of_the_same_out_is_refused(paths, tmp_path, capsys):
 
 def test_ctrl_c_prints_one_line_and_exits_130(paths, tmp_path):
     """3,200 rows of the other tests' prompts and shapes: the subprocess loads the programs
-    they compiled (the compilation cache) and is interrupted after its first row."""
+    they compiled (the compilation cache) and is interrupted after its first row. It starts
+    with Python's Ctrl-C handler, as a command in a terminal does: a suite launched as a
+    background job (`cmd &` without job control) ignores SIGINT, and so would its children."""
     data = write_questions(tmp_path / "many.jsonl", 400, cycle=4)
     out = tmp_path / "interrupted.jsonl"
     args = rast(paths, out, "--n", "8")
     args[args.index(paths["data"])] = data
-    proc = subprocess.Popen([sys.executable, "-m", "jaxrast.cli", *args], env=_env(), stdout=subprocess.PIPE,
+    as_in_a_terminal = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                        "from jaxrast.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, *args], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     start = time.time()
     while time.time() < start + 120 and (not out.exists() or not out.read_text()) and proc.poll() is None:
