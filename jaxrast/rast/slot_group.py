@@ -19,6 +19,11 @@ from jaxrast.runtime.distributed import host_array
 log = logging.getLogger("jaxrast.rast.slot_group")
 
 
+def _alternatives(top_ids: np.ndarray, top_logprobs: np.ndarray) -> list[list[tuple[int, float]]]:
+    """Per position [n, k] arrays -> per position [(token id, log-prob), ...]."""
+    return [list(zip(ids.tolist(), vals.tolist())) for ids, vals in zip(top_ids, top_logprobs)]
+
+
 class Stats:
     """Counters for progress bars and /metrics: tokens, finished rows, slot occupancy, and
     the speculative rounds' drafted / accepted tokens."""
@@ -193,8 +198,7 @@ class SlotGroup:
                 if s is not None and req.params.prompt_logprobs:
                     n = len(req.prompt_ids) - 1  # the first token has no context to score it
                     req.prompt_logprobs = [None] + s.logprobs[r, :n].tolist()
-                    req.prompt_top_logprobs = [[]] + [list(zip(ids.tolist(), vals.tolist()))
-                                                      for ids, vals in zip(s.top_ids[r, :n], s.top_logprobs[r, :n])]
+                    req.prompt_top_logprobs = [[]] + _alternatives(s.top_ids[r, :n], s.top_logprobs[r, :n])
                 if not req.params.max_tokens:
                     finished.append(self.finish(req, "cancelled" if req.cancelled else "length", ""))
         self.admitted = []
@@ -224,8 +228,7 @@ class SlotGroup:
             if self.record.entropies:
                 req.entropies += out.entropies[slot, :n].tolist()
             if self.record.top_logprobs:
-                req.top_logprobs += [list(zip(ids.tolist(), vals.tolist()))
-                                     for ids, vals in zip(out.top_ids[slot, :n], out.top_logprobs[slot, :n])]
+                req.top_logprobs += _alternatives(out.top_ids[slot, :n], out.top_logprobs[slot, :n])
             reason, text = None, None
             if req.params.stop_strings or req.on_update is not None:  # else the text is made once, at the end
                 if req.detok is None:

@@ -55,9 +55,11 @@ def completion_logprobs(service: Service, ids: list[int], logprobs: list, tops, 
     return Logprobs(tokens=texts, token_logprobs=logprobs, top_logprobs=top, text_offset=offsets)
 
 
-def scored_prompt(r) -> tuple[list[int], list, list]:
-    """(ids, log-probs, alternatives) of a request's echoed prompt, scored by the engine."""
-    return r.prompt_ids, r.prompt_logprobs or [None] * len(r.prompt_ids), r.prompt_top_logprobs or []
+def after_prompt(r, ids: list[int], logprobs: list, tops: list) -> tuple[list[int], list, list]:
+    """(ids, log-probs, alternatives) of a request's echoed prompt, as the engine scored it,
+    followed by those given."""
+    prompt_lp = r.prompt_logprobs or [None] * len(r.prompt_ids)
+    return r.prompt_ids + ids, prompt_lp + logprobs, (r.prompt_top_logprobs or []) + tops
 
 
 def chat_logprobs(service: Service, ids: list[int], logprobs: list[float], tops, k: int) -> ChatChoiceLogprobs:
@@ -77,8 +79,7 @@ async def completion(service: Service, body: CompletionRequest, rid: str, choice
         prefix = service.text(r.prompt_ids) if body.echo else ""
         ids, logprobs, tops = r.token_ids, r.logprobs, r.top_logprobs
         if body.scores_prompt:
-            prompt_ids, prompt_lp, prompt_tops = scored_prompt(r)
-            ids, logprobs, tops = prompt_ids + ids, prompt_lp + logprobs, prompt_tops + tops
+            ids, logprobs, tops = after_prompt(r, ids, logprobs, tops)
         lp = (completion_logprobs(service, ids, logprobs, tops, body.logprobs or 0)
               if body.logprobs is not None else None)
         shift = await asyncio.to_thread(shift_of, service, body, c) if body.shift else None
@@ -116,8 +117,7 @@ async def completion_chunks(service: Service, body: CompletionRequest, rid: str,
         if body.logprobs is not None and (u.token_ids or echo):
             ids, logprobs, tops = list(u.token_ids), list(u.logprobs), list(u.top_logprobs)
             if echo:
-                prompt_ids, prompt_lp, prompt_tops = scored_prompt(r)
-                ids, logprobs, tops = prompt_ids + ids, prompt_lp + logprobs, prompt_tops + tops
+                ids, logprobs, tops = after_prompt(r, ids, logprobs, tops)
             choice["logprobs"] = completion_logprobs(service, ids, logprobs, tops, body.logprobs).model_dump()
         if u.finish_reason is not None:
             choice["finish_reason"] = _reason(c)
