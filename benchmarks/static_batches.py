@@ -31,10 +31,10 @@ from jaxrast.models.kv_cache import KVCache
 from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.combine import lam_schedule
 from jaxrast.rast.detokenize import TextStream
-from jaxrast.rast.engine import stream_keys
 from jaxrast.rast.ensemble import Ensemble, Pair
 from jaxrast.rast.params import Completion, SamplingParams, by_prompt
 from jaxrast.rast.sampling import draw_probs, row_entropies, sample_rows, softmax_entropy
+from jaxrast.rast.slots import stream_keys
 
 row_keys = jax.jit(stream_keys)
 

@@ -20,7 +20,8 @@ EPILOG = """examples:
 
 # CLI flag -> DecodeConfig field (flags left unset keep the YAML/default value)
 _FLAGS = ("base", "mode", "dataset", "limit", "prompt_template", "temperature", "top_p", "top_k", "n",
-          "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "dtype", "mesh", "trace_top_k", "trace_out",
+          "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "kv_memory",
+          "dtype", "mesh", "trace_top_k", "trace_out",
           "min_tokens", "continue_text", "speculative", "speculative_mode", "system", "max_prompt_bytes")
 
 
@@ -53,7 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_speculative(parser, "adaptive: time speculative and plain calls and run the faster (default on)")
     add("--lam-schedule", help="constant | warmup:N | first:N")
     add("--out", help="output JSONL (appended; finished rows are skipped on rerun)")
-    add("--batch-size", type=int)
+    add("--batch-size", type=int, help="rows decoded at once (default: as many as the KV memory holds, at most 64 "
+        "on CPU and 256 on an accelerator)")
+    add("--kv-memory", help="KV cache memory: GiB per device (2.5) or a share of free memory ('50%%'; default: "
+        "50%% of a CPU's available RAM, 90%% of an accelerator's free memory)")
     add("--no-progress", action="store_true")
     add("--save-token-ids", action="store_true",
         help="also write each row's prompt_ids and generated token_ids (exact input for jaxrast analyze)")

@@ -47,7 +47,8 @@ class DecodeConfig:
     continue_text: str = ""  # emitted instead of a stop id sampled before min_tokens (s1 budget forcing)
     lam_schedule: str = "constant"
     out: str = "results.jsonl"
-    batch_size: Positive = 16
+    batch_size: Positive | None = None  # rows decoded at once (None: as many as kv_memory holds, within a ceiling)
+    kv_memory: float | str | None = None  # KV cache GiB per device, or a share of free memory ('50%')
     workers: Positive | None = None  # concurrent slot groups (None: 2 on one CPU device, else 1)
     steps_per_call: Positive = 32  # engine decode steps per device call
     speculative: NonNegative = 0  # γ: the first pair's rl model drafts γ tokens per round (0: off)
@@ -242,11 +243,12 @@ def _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, 
     # the slots fit this job's longest row (a round may write γ positions past a budget), in 64s
     max_len = -(-(max(map(len, prompt_ids)) + cfg.max_new_tokens + gamma) // 64) * 64
     engine = result.engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
-                                  batch_size=cfg.batch_size, max_len=max_len, workers=cfg.workers,
+                                  batch_size=cfg.batch_size, kv_memory=cfg.kv_memory, max_len=max_len,
+                                  rows_needed=len(todo) * cfg.n, workers=cfg.workers,
                                   steps_per_call=cfg.steps_per_call, speculative=gamma,
                                   speculative_mode=cfg.speculative_mode)
-    print(f"decoding: {engine.batch_size} slots of {max_len} positions, attention backend {engine.attention}",
-          file=sys.stderr, flush=True)
+    print(f"decoding: {engine.capacity.describe()}, slots of {max_len} positions, attention backend "
+          f"{engine.attention}", file=sys.stderr, flush=True)
     for batch in engine.generate_iter(prompt_ids, params, row_ids=[row_uid(r["id"]) for r in todo],
                                       progress=progress if output is not None else False):
         records = []

@@ -30,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           pair_help="a small pair and its default weight (repeatable)")
     add("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
     add("--port", type=int, help="port (default 8000)")
-    add("--max-slots", type=int, help="requests decoded at once (default 16)")
+    add("--max-slots", type=int, help="requests decoded at once (default: as many as the KV memory holds, at most "
+        "64 on CPU and 256 on an accelerator)")
+    add("--kv-memory", help="KV cache memory: GiB per device (2.5) or a share of free memory ('50%%'; default: "
+        "50%% of a CPU's available RAM, 90%% of an accelerator's free memory)")
     add("--max-len", type=int, help="positions per slot: prompt + generated tokens (default: the models' context)")
     add("--max-waiting", type=int, help="requests queued for a slot before answering 429 (default 256)")
     add("--served-model-name", help="the model name clients send (default 'jaxrast')")
@@ -52,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_loading_and_processes(parser)
 
 
-_FLAGS = ("base", "host", "port", "max_slots", "max_len", "max_waiting", "served_model_name", "chat_template",
+_FLAGS = ("base", "host", "port", "max_slots", "kv_memory",
+          "max_len", "max_waiting", "served_model_name", "chat_template",
           "grace", "dtype", "mesh", "speculative", "speculative_mode", "max_body_bytes", "max_prompt_bytes",
           "read_timeout", "prepare_timeout", "max_connections")
 

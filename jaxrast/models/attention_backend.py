@@ -12,10 +12,11 @@ On a mesh the chosen backend runs per device under `shard_map`, over the cache's
 (slots over the batch axes, KV heads over `tensor`): attention never mixes rows or KV heads,
 so each device reads only its own rows' keys, exactly as on one device. The paged-KV work
 adds its kernels (Pallas ragged paged attention on TPU, paged / decode attention on GPU)
-here. Shapes: q [b, kv, g, t, d], k [b, kv, d, s], v [b, kv, s, d], query positions [b, t],
-key mask [b, s], bounds [b] (attention reads no key at or past a row's bound). Each call
-also gets the calling layer's `LayerAttention` (static): its score scale, soft-cap and
-sliding window, which every kind applies exactly as `dense` does.
+here. Shapes: q [b, kv, g, t, d], k [B, kv, d, s], v [B, kv, s, d] (B >= b: query row r
+reads cache row r), query positions [b, t], key mask [b, s], bounds [b] (attention reads no
+key at or past a row's bound). Each call also gets the calling layer's `LayerAttention`
+(static): its score scale, soft-cap and sliding window, which every kind applies exactly as
+`dense` does.
 """
 
 from __future__ import annotations
@@ -79,12 +80,14 @@ class AttentionBackend:
 
 
 def _attend(kind: str, layer: LayerAttention, q, k, v, query_positions, key_mask, bounds):
+    # k and v may hold more rows than q (a step over an engine's low slots): query row r reads
+    # cache row r; the kernels index rows, the dense reference reads the first rows
     if kind == "cpu_kernel":
         return decode_attention(q, k, v, query_positions, key_mask, layer).astype(v.dtype)
     allowed = visible(query_positions, key_mask, layer.window)  # [b, t, s]
     if kind == "xla_ragged":
         return ragged_attention(q, k, v, allowed, bounds, layer, query_positions)
-    return dense_attention(q, k, v, allowed, layer)
+    return dense_attention(q, k[:q.shape[0]], v[:q.shape[0]], allowed, layer)
 
 
 def choose(*, platform: str, mesh: Mesh | None, dtypes, head_dims, cache_len: int) -> AttentionBackend:

@@ -52,11 +52,17 @@ class KVCache:
 
 
 def write(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
-    """`new` [batch, ..., t, ...] written into `cache` along `axis` at `index`: one
-    position for all rows ([] index, a dynamic slice) or each row at its own ([batch]
-    index, a vmapped slice that lowers to one scatter)."""
+    """`new` [b, ..., t, ...] written into `cache` along `axis` at `index`: one position for
+    all rows ([] index, a dynamic slice) or each row at its own ([b] index, one scatter into
+    the cache's first b rows: an engine step over the low slots of a larger cache, see
+    `rast.engine`). A write past the cache's end is dropped, never shifted onto earlier
+    positions."""
     new = new.astype(cache.dtype)
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=axis)
-    one = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=axis - 1)  # noqa: E731
-    return jax.vmap(one)(cache, new, index)
+    rows = jnp.arange(new.shape[0])[:, None]
+    positions = index[:, None] + jnp.arange(new.shape[axis])  # [b, t]
+    at = [slice(None)] * cache.ndim
+    at[0], at[axis] = rows, positions
+    # the two indexed axes come first in the scattered value: [b, t, ...]
+    return cache.at[tuple(at)].set(jnp.moveaxis(new, axis, 1), mode="drop")

@@ -104,6 +104,7 @@ class Attention(nnx.Module):
                  attention: AttentionBackend | None = None, kv_len=None):
         """x [b, t, h]; key_mask [b, s]; query_index [t] or [b, t] (cache position of each
         query, for causality); index [] or [b] (where the new keys go, see `kv_cache.write`).
+        The caches may hold more rows than x: row r of x is the cache's row r.
 
         Without a cache the keys are this call's own tokens (s = t); with one, the new keys
         are written at `index` and the queries attend over the cache through `attention`
@@ -138,7 +139,7 @@ class Attention(nnx.Module):
             out = attention(q, k, v, query_index, key_mask, bounds, self.layer_attention)
         else:
             allowed = visible(query_index, key_mask, self.layer_attention.window)
-            out = dense_attention(q, k, v, allowed, self.layer_attention)
+            out = dense_attention(q, k[:b], v[:b], allowed, self.layer_attention)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, -1)
         return self.o_proj(out).reshape(b, t, -1), k_cache, v_cache
 
@@ -232,7 +233,8 @@ class CausalLM(nnx.Module):
         attention_mask: [batch, time] 1 for real tokens, 0 for (left) padding.
         cache: with a cache the tokens are written at `cache.index` (one position for all
             rows, or one per row) and attend to every earlier real position; without, the
-            call is a plain causal forward.
+            call is a plain causal forward. A per-row cache may hold more rows than `tokens`
+            (an engine step over its low slots): the tokens are its first rows.
         last_only: return logits of the last position only ([batch, 1, vocab]), which
             saves a `[batch, time, vocab]` buffer during prefill.
         logits_from: return logits of positions logits_from.. only ([batch, time -
@@ -265,7 +267,7 @@ class CausalLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             kc = cache.k[i] if cache is not None else None
             vc = cache.v[i] if cache is not None else None
-            x, kc, vc = block_fn(layer, x, positions, key_mask, query_index, kc, vc, index, attention, kv_len)
+            x, kc, vc = block_fn(layer, x, positions, key_mask[:b], query_index, kc, vc, index, attention, kv_len)
             ks.append(kc)
             vs.append(vc)
         if last_only:

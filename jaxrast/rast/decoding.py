@@ -24,12 +24,14 @@ from jaxrast.data.prompts import encode_prompts
 from jaxrast.models.attention_backend import AttentionBackend
 from jaxrast.models.hf import check_tokenizers_compatible
 from jaxrast.models.transformer import CausalLM
+from jaxrast.rast.capacity import plan_slots
 from jaxrast.rast.combine import lam_schedule as make_lam_schedule
-from jaxrast.rast.engine import Engine, EngineSpec, default_prefill_chunk
+from jaxrast.rast.engine import Engine
+from jaxrast.rast.engine_spec import EngineSpec, default_prefill_chunk
 from jaxrast.rast.ensemble import Ensemble, Pair
 from jaxrast.rast.params import Completion, SamplingParams, by_prompt
 from jaxrast.rast.requests import Request, RequestParams, default_stop_ids
-from jaxrast.rast.scheduler import Scheduler, default_workers
+from jaxrast.rast.scheduler import Scheduler, default_workers, row_split
 from jaxrast.rast.token_rules import Record
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,11 @@ class RAST:
 
     With no pairs this is plain decoding of `base` (the small models are not run at all).
     `lam_schedule`: 'constant', 'warmup:N' or 'first:N', or a callable step -> multiplier.
-    `batch_size`: rows decoded at once (the engine's slots). `max_len`: positions per slot,
+    `batch_size`: rows decoded at once (the engine's slots; default: as many as `kv_memory`
+    holds, at most the platform's ceiling: `capacity` says how many and why); a call runs
+    at the smallest compiled slot count that holds its live rows. `kv_memory`: KV cache
+    memory in GiB per device, or a share of free memory ('50%'; default: half of a CPU's
+    available RAM, 90% of an accelerator's free memory). `max_len`: positions per slot,
     prompt + max_new_tokens (+ γ when speculative) must fit (default: the models' context,
     at most 2048). `workers`: the slots are split into this many groups decoded concurrently
     from threads (default: 2 on one multi-core CPU device, whose decode steps leave cores
@@ -73,7 +79,8 @@ class RAST:
 
     def __init__(self, base: CausalLM, pairs: Sequence[Pair | tuple] = (), *, tokenizer=None,
                  mesh: Mesh | None = None, lam_schedule: str | Callable | None = None,
-                 batch_size: int = 16, max_len: int | None = None, vocab_size: int | None = None,
+                 batch_size: int | None = None, kv_memory: float | str | None = None,
+                 max_len: int | None = None, vocab_size: int | None = None,
                  workers: int | None = None, steps_per_call: int = 32, prefill_batch: int | None = None,
                  prefill_chunk: int | None = None, speculative: int = 0, speculative_mode: str = "on",
                  attention: AttentionBackend | None = None):
@@ -81,9 +88,19 @@ class RAST:
         self.tokenizer = tokenizer
         self.lams = np.array([p.lam for p in pairs], np.float32)
         self.lam_schedule = lam_schedule if callable(lam_schedule) else make_lam_schedule(lam_schedule)
-        if steps_per_call < 1 or batch_size < 1:
+        if steps_per_call < 1 or (batch_size is not None and batch_size < 1):
             raise ValueError(f"batch_size ({batch_size}) and steps_per_call ({steps_per_call}) must be >= 1.")
-        self.batch_size = batch_size
+        models = [base] + [m for p in pairs for m in (p.rl, p.ref)]
+        limit = min(m.cfg.max_position_embeddings for m in models)
+        if max_len is None:
+            max_len = min(limit, DEFAULT_MAX_LEN)
+        elif max_len > limit:  # RoPE still runs past it, but the models were never trained there
+            warnings.warn(f"max_len={max_len} is beyond a model's max_position_embeddings ({limit}); expect "
+                          "degraded text past that position.", stacklevel=2)
+        self.capacity = plan_slots(models, max_len, slots=batch_size, kv_memory=kv_memory,
+                                   devices=1 if mesh is None else mesh.devices.size, multiple=row_split(mesh))
+        log.info("RAST: %s", self.capacity.describe())
+        self.batch_size = batch_size = self.capacity.slots
         self.workers = default_workers(batch_size, mesh) if workers is None else workers
         if self.workers < 1 or batch_size % self.workers:
             raise ValueError(f"workers={self.workers} must be >= 1 and divide batch_size={batch_size}.")
@@ -93,13 +110,6 @@ class RAST:
         if speculative < 0 or (speculative and not pairs):
             raise ValueError(f"speculative={speculative}: γ >= 1 drafts with the first pair's rl model (needs a pair), "
                              "0 decodes plainly.")
-        models = [base] + [m for p in pairs for m in (p.rl, p.ref)]
-        limit = min(m.cfg.max_position_embeddings for m in models)
-        if max_len is None:
-            max_len = min(limit, DEFAULT_MAX_LEN)
-        elif max_len > limit:  # RoPE still runs past it, but the models were never trained there
-            warnings.warn(f"max_len={max_len} is beyond a model's max_position_embeddings ({limit}); expect "
-                          "degraded text past that position.", stacklevel=2)
         program_batch = batch_size // self.workers
         spec = EngineSpec(max_slots=program_batch, max_len=max_len, steps=steps_per_call,
                           prefill_batch=prefill_batch or min(32, program_batch),
@@ -120,6 +130,14 @@ class RAST:
     def attention(self) -> str:
         """The attention backend in use."""
         return self.scheduler.attention
+
+    def warm_up(self, params: SamplingParams = SamplingParams()) -> None:
+        """Compiles the decode programs of every slot-count bucket for calls with `params`'
+        records (log-probs, entropies) now, instead of when the live rows first reach each
+        bucket: later calls then compile nothing whatever their row counts."""
+        record = Record(logprobs=params.logprobs, entropies=params.entropies)
+        for group in self.scheduler.groups:
+            group.warm_up(record)
 
     def _encode(self, prompts: Sequence[str | Sequence[int]], special_tokens: bool = True) -> list[list[int]]:
         """Token ids of text prompts (`encode_prompts`: the tokenizer's default special tokens
@@ -157,7 +175,11 @@ class RAST:
                              continue_ids=cont, seed=params.seed, prompt_logprobs=params.prompt_logprobs)
         requests = [Request(ids, dataclasses.replace(base, row_id=row_ids[i], sample=s), tag=(i, s))
                     for i, ids in enumerate(encoded) for s in range(params.n)]
-        bar = tqdm(total=len(requests), desc="decoding", unit="row", disable=progress is False or
+        rows = min(len(requests), self.batch_size)
+        why = "the requests" if rows < self.batch_size else self.capacity.describe()
+        log.info("decoding %d request(s) (%d prompt(s) x %d), %d rows at once: %s", len(requests), len(encoded),
+                 params.n, rows, why)
+        bar = tqdm(total=len(requests), desc=f"decoding ({rows} at once)", unit="row", disable=progress is False or
                    (progress is None and len(requests) < 2 * self.batch_size))
         t0, tokens, busy0, steps0 = time.perf_counter(), 0, sched.stats.busy_slot_steps, sched.stats.slot_steps
         for done in sched.run(requests, Record(logprobs=params.logprobs, entropies=params.entropies)):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,95 +38,24 @@ from jaxrast.models.attention_backend import AttentionBackend, choose
 from jaxrast.models.kv_cache import KVCache
 from jaxrast.models.partitioning import cache_sharding
 from jaxrast.models.transformer import CausalLM
+from jaxrast.rast.engine_spec import EngineSpec
 from jaxrast.rast.ensemble import Combination
 from jaxrast.rast.prompt_scores import PromptScores, empty_scores, prompt_scorer
 from jaxrast.rast.sampling import sample_rows
+from jaxrast.rast.slots import DecodeState, Slots, StepOutput, stream_keys
 from jaxrast.rast.speculative import speculative_round
 from jaxrast.rast.token_rules import Record, advance, force_continue, mask_early_stops, recorded, row_ends, slot_logits
 
-
-def stream_keys(seed: jax.Array, row_ids: jax.Array, samples: jax.Array) -> jax.Array:
-    """Key data [batch, 2] of each row's stream: fold_in(fold_in(key(seed), row_id), sample)."""
-    keys = jax.vmap(lambda s, r, n: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), n))(
-        seed, row_ids, samples)
-    return jax.random.key_data(keys)
+# calls that a smaller bucket would have held before it is compiled (a compile costs ~2 s on
+# the toy family: about 4 calls of 32 steps at 16 slots)
+COMPILE_AFTER = 4
 
 
-
-@flax.struct.dataclass
-class Slots:
-    """Per-slot decode state, every field an array over the `S` slots."""
-
-    token: jax.Array  # [S] int32 pending token (chosen, not yet in the caches)
-    length: jax.Array  # [S] int32 tokens in the caches = RoPE position of `token`
-    generated: jax.Array  # [S] int32 tokens generated so far (the pending one included)
-    budget: jax.Array  # [S] int32 max new tokens
-    min_tokens: jax.Array  # [S] int32 stop ids cannot end the row before this many tokens
-    active: jax.Array  # [S] bool
-    lam: jax.Array  # [S, pairs] float32 λ of each pair (all 0: the base alone)
-    rl_only: jax.Array  # [S] bool: the first pair's rl model alone
-    temperature: jax.Array  # [S] float32 (0: greedy)
-    top_p: jax.Array  # [S] float32 (1: off)
-    top_k: jax.Array  # [S] int32 (0: off)
-    stop_ids: jax.Array  # [S, max_stop_ids] int32, padded with `vocab` (never a token)
-    keys: jax.Array  # [S, 2] uint32 key data of the row's stream
-    forced: jax.Array  # [S, max_forced] int32 continue text: replaces a stop before min_tokens
-    forced_len: jax.Array  # [S] int32 (0: no continue text)
-    forced_pos: jax.Array  # [S] int32 next continue token to emit (-1: not forcing)
-    gamma: jax.Array  # [S] int32 the most drafts a speculative round may accept for the slot
-
-
-@flax.struct.dataclass
-class DecodeState:
-    caches: tuple  # one KVCache per distinct model, [S] rows, per-row write index
-    slots: Slots
-
-
-@flax.struct.dataclass
-class StepOutput:
-    """What one decode call produced, per slot: `tokens[s, :count[s]]` in order."""
-
-    tokens: jax.Array  # [S, steps] int32
-    logprobs: jax.Array  # [S, steps] float32 log p(token) under z (τ = 1, unfiltered); 0 when off
-    top_ids: jax.Array  # [S, steps, top_logprobs] int32 the most likely tokens under z (with top_logprobs)
-    top_logprobs: jax.Array  # [S, steps, top_logprobs] float32 their log-probs
-    entropies: jax.Array  # [S, steps] float32 entropy of softmax(z / τ); 0 when off
-    count: jax.Array  # [S] int32
-    finished: jax.Array  # [S] bool: the slot's row ended in this call
-    stopped: jax.Array  # [S] bool: ... on a stop id (else on its budget)
-    steps: jax.Array  # [] int32 decode steps (speculative: rounds) run
-    drafted: jax.Array  # [S] int32 tokens the draft proposed (speculative rounds)
-    accepted: jax.Array  # [S] int32 ... and the target accepted
-    rounds: jax.Array  # [S] int32 speculative rounds the slot took part in
-
-
-def default_prefill_chunk() -> int:
-    """Prompt tokens per prefill forward: 32 on CPU (a prompt wastes at most 31 padded
-    positions), 256 on accelerators (a wide forward costs about what a narrow one does)."""
-    return 32 if jax.default_backend() == "cpu" else 256
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineSpec:
-    """The static shape of an engine: everything here is compiled in."""
-
-    max_slots: int = 16
-    max_len: int = 1024  # positions per slot: prompt + generated tokens (+ γ draft positions)
-    steps: int = 32  # decode steps per call (fewer when a slot finishes and requests wait)
-    prefill_batch: int = 8  # prompts per admit call (padding rows are dropped)
-    # prompt tokens per prefill forward: every prompt length runs the one admit program; a
-    # prompt wastes at most chunk - 1 padded positions
-    prefill_chunk: int = 32
-    max_stop_ids: int = 8
-    max_forced: int = 32  # tokens of a continue text
-    gamma: int = 0  # speculative rounds: the first pair's rl model drafts γ tokens (0: plain steps only)
-
-    def __post_init__(self):
-        for name in ("max_slots", "max_len", "steps", "prefill_batch", "prefill_chunk", "max_stop_ids", "max_forced"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EngineSpec.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.gamma < 0:
-            raise ValueError(f"EngineSpec.gamma must be >= 0, got {self.gamma}.")
+def _split(mesh: Mesh, spec: P) -> int:
+    """Devices a cache's slot axis is split over (its spec's first entry)."""
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 class Engine:
@@ -155,12 +83,23 @@ class Engine:
         self._variables = tuple(nnx.state(m) for m in self.models)  # see refresh()
         self.refresh()
         shardings = self._shardings()
+        # a step over the low b slots reads cache row r for query row r; where the slots are
+        # split over devices, the devices' blocks of b rows and of max_slots rows differ
+        split = 1 if shardings is None else _split(self.mesh, shardings[0].caches[0].k[0].spec)
+        self.buckets = spec.buckets if split == 1 else (spec.max_slots,)
         # explicit output shardings on a mesh: the donated state comes back laid out as it
         # went in, so the next call reuses its buffers and its compiled program
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,), static_argnames=("score",),
                               out_shardings=None if shardings is None else shardings)
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), out_shardings=shardings,
-                               static_argnames=("gamma", "record"))
+                               static_argnames=("gamma", "record", "rows"))
+        self.compiled: set[tuple[int, int, Record]] = set()  # (rows, γ, record) of the decode calls made
+        self._move = jax.jit(self._move_impl, donate_argnums=(0,),
+                             out_shardings=None if shardings is None else shardings[0])
+
+    def bucket(self, rows: int) -> int:
+        """The slot count a decode call with live rows in slots [0, rows) runs at."""
+        return next(b for b in self.buckets if b >= rows)
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -228,24 +167,31 @@ class Engine:
         tokens only, whoever is admitted with it. `score(start, logits, scores) -> scores`:
         what each chunk's logits add to the row's prompt scores, starting from `scores`
         (None: last position only)."""
-        chunk = self.spec.prefill_chunk
+        chunk, tail = self.spec.prefill_chunk, self.spec.prefill_tail
         width = self._prefill_width()
         fresh = tuple(KVCache.init(m.cfg, 1, width, m.dtype, per_row=True, mask=True) for m in models)
 
-        def forward(j, carry):
+        def forward(start, size, carry):
             caches, scores = carry
-            start = j * chunk
-            ids = jax.lax.dynamic_slice_in_dim(tokens, start, chunk)[None]
-            positions = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
+            ids = jax.lax.dynamic_slice_in_dim(tokens, start, size)[None]
+            positions = (start + jnp.arange(size, dtype=jnp.int32))[None]
             out, logits = [], []
             for m, cache in zip(models, caches):
                 z, cache = m(ids, positions, attention_mask=positions < prefix, cache=cache.replace(index=start[None]),
-                             last_only=score is None, attention=self.attention, kv_len=start[None] + chunk)
+                             last_only=score is None, attention=self.attention, kv_len=start[None] + size)
                 out.append(cache)
                 logits.append(z)
             return tuple(out), (scores if score is None else score(start, logits, scores))
 
-        return jax.lax.fori_loop(0, (prefix + chunk - 1) // chunk, forward, (fresh, scores))
+        # whole chunks, and a rest of at most `tail` tokens in one narrow forward: padded
+        # positions are computed (a 39-token prefix pads 25 at chunk 32), but a narrow forward
+        # costs more per token (on 2 CPU cores, 8 tokens cost ~0.55 of a 32-token chunk), so a
+        # longer rest takes a whole chunk
+        rest = prefix % chunk
+        chunks = prefix // chunk + (rest > tail).astype(jnp.int32)
+        carry = jax.lax.fori_loop(0, chunks, lambda j, c: forward(j * chunk, chunk, c), (fresh, scores))
+        narrow = ((rest > 0) & (rest <= tail)).astype(jnp.int32)
+        return jax.lax.fori_loop(0, narrow, lambda j, c: forward(chunks * chunk, tail, c), carry)
 
     def _prefill_width(self) -> int:
         chunk = self.spec.prefill_chunk
@@ -300,15 +246,51 @@ class Engine:
     # ---- decode ------------------------------------------------------------------------------
 
     def decode(self, state: DecodeState, release: np.ndarray, exit_after: int, speculative: bool = False,
-               max_steps: int | None = None, record: Record = Record()) -> tuple[DecodeState, StepOutput]:
+               max_steps: int | None = None, record: Record = Record(), rows: int | None = None
+               ) -> tuple[DecodeState, StepOutput]:
         """Up to `spec.steps` steps (or `max_steps`, fewer: the same program) for every
-        active slot (speculative: rounds of up to γ + 1 tokens). `release` [S]: slots the
-        host has ended (a stop string, a cancelled request), deactivated first. The call
-        returns after the step in which `exit_after` rows have finished (requests wait).
-        `record`: what is kept per token besides the token (one compiled program each)."""
+        active slot below `rows` (a bucket, `bucket()`; None: every slot; speculative: rounds
+        of up to γ + 1 tokens). `release` [S]: slots the host has ended (a stop string, a
+        cancelled request), deactivated first. The call returns after the step in which
+        `exit_after` rows have finished (requests wait). `record`: what is kept per token
+        besides the token (one compiled program each, per bucket). The output has `rows` rows."""
         gamma = self.spec.gamma if speculative else 0
         limit = np.int32(self.spec.steps if max_steps is None else min(max_steps, self.spec.steps))
-        return self._decode(self._states(), state, release, np.int32(exit_after), limit, gamma=gamma, record=record)
+        rows = self.spec.max_slots if rows is None else rows
+        if rows not in self.buckets:
+            raise ValueError(f"decode rows={rows}: the engine is compiled for {self.buckets} slots.")
+        out = self._decode(self._states(), state, release, np.int32(exit_after), limit, gamma=gamma, record=record,
+                           rows=rows)
+        self.compiled.add((rows, gamma, record))
+        return out
+
+    def run_at(self, rows: int, speculative: bool, record: Record, waited: int) -> int:
+        """The bucket a decode call with live rows in slots [0, rows) runs at: the smallest
+        that holds them if it is compiled, or if none that holds them is, or if `waited`
+        calls (>= `COMPILE_AFTER`) could have used it; else the smallest compiled one that
+        holds them. A run's last rows then finish in a bucket already compiled instead of
+        compiling one per halving."""
+        gamma = self.spec.gamma if speculative else 0
+        exact = self.bucket(rows)
+        ready = [b for b in self.buckets if b >= exact and (b, gamma, record) in self.compiled]
+        if not ready or ready[0] == exact or waited >= COMPILE_AFTER:
+            return exact
+        return ready[0]
+
+    def move(self, state: DecodeState, src: np.ndarray, dst: np.ndarray) -> DecodeState:
+        """Moves the rows in slots `src` [S] to the free slots `dst` [S] (padded with
+        `max_slots`: no move), caches and settings, and frees `src`: live rows are packed
+        into the low slots so a step runs at a small bucket."""
+        return self._move(state, np.asarray(src, np.int32), np.asarray(dst, np.int32))
+
+    def _move_impl(self, state: DecodeState, src, dst):
+        take = jnp.minimum(src, self.spec.max_slots - 1)  # padding reads any row, written nowhere
+        put = lambda x: x.at[dst].set(x[take], mode="drop")  # noqa: E731
+        caches = tuple(c.replace(k=tuple(put(x) for x in c.k), v=tuple(put(x) for x in c.v), mask=put(c.mask))
+                       for c in state.caches)
+        slots = jax.tree.map(put, state.slots)
+        slots = slots.replace(active=slots.active.at[src].set(False, mode="drop"))
+        return DecodeState(caches, slots)
 
     def _step(self, models, caches, slots: Slots, record: Record):
         """One token for every slot: feed the pending tokens, sample the next ones."""
@@ -332,8 +314,8 @@ class Engine:
         slots = advance(slots, tok, act.astype(jnp.int32), ended, forced_pos)
         return tuple(new_caches), slots, (tok, logp, ent, top, act, act & ended, act & stopped)
 
-    def _empty_output(self, gamma: int, record: Record) -> StepOutput:
-        s, k, width = self.spec.max_slots, record.top_logprobs, self.spec.steps * (gamma + 1)
+    def _empty_output(self, gamma: int, record: Record, s: int) -> StepOutput:
+        k, width = record.top_logprobs, self.spec.steps * (gamma + 1)
         return StepOutput(tokens=jnp.zeros((s, width), jnp.int32), logprobs=jnp.zeros((s, width), jnp.float32),
                           top_ids=jnp.zeros((s, width, k), jnp.int32),
                           top_logprobs=jnp.zeros((s, width, k), jnp.float32),
@@ -342,11 +324,17 @@ class Engine:
                           steps=jnp.zeros((), jnp.int32), drafted=jnp.zeros((s,), jnp.int32),
                           accepted=jnp.zeros((s,), jnp.int32), rounds=jnp.zeros((s,), jnp.int32))
 
-    def _decode_impl(self, params, state: DecodeState, release, exit_after, steps, *, gamma: int, record: Record):
+    def _decode_impl(self, params, state: DecodeState, release, exit_after, steps, *, gamma: int, record: Record,
+                     rows: int):
+        """The loop runs on the first `rows` slots (the rest are free) over the whole caches:
+        the models write and read cache row r for slot r, so no cache row is copied."""
         models = self._models(params)
-        slots = state.slots.replace(active=state.slots.active & ~release)
-        out = self._empty_output(gamma, record)
-        rows = jnp.arange(self.spec.max_slots)[:, None]
+        every = state.slots.replace(active=state.slots.active & ~release)
+        slots = jax.tree.map(lambda x: x[:rows], every)
+        out = self._empty_output(gamma, record, rows)
+        # a cache's write index is per query row: [rows] inside the loop
+        caches = tuple(c.replace(index=c.index[:rows]) for c in state.caches)
+        rows_ = jnp.arange(rows)[:, None]
 
         def cond(carry):
             _, slots, out = carry
@@ -372,7 +360,7 @@ class Engine:
             tokens, logp, ent, top, count, finished, stopped = emitted
             j = jnp.arange(tokens.shape[1])
             at = jnp.where(j < count[:, None], out.count[:, None] + j, out.tokens.shape[1])  # beyond: dropped
-            put = lambda buf, v: buf.at[rows, at].set(v, mode="drop")  # noqa: E731
+            put = lambda buf, v: buf.at[rows_, at].set(v, mode="drop")  # noqa: E731
             out = out.replace(tokens=put(out.tokens, tokens), count=out.count + count, finished=out.finished | finished,
                               stopped=out.stopped | stopped, steps=out.steps + 1)
             if record.logprobs:
@@ -384,5 +372,7 @@ class Engine:
                                   top_ids=put(out.top_ids, top[1].astype(jnp.int32)))
             return caches, slots, out
 
-        caches, slots, out = jax.lax.while_loop(cond, body, (state.caches, slots, out))
-        return DecodeState(caches, slots), out
+        caches, slots, out = jax.lax.while_loop(cond, body, (caches, slots, out))
+        caches = tuple(c.replace(index=old.index) for c, old in zip(caches, state.caches))
+        every = jax.tree.map(lambda full, part: full.at[:rows].set(part), every, slots)
+        return DecodeState(caches, every), out

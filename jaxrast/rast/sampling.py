@@ -120,9 +120,15 @@ def sample_rows(keys: jax.Array, z: jax.Array, temperature: jax.Array, top_k: ja
     stream per row, so a row's draw never depends on what else is in the batch); z [batch,
     vocab]; temperature [batch] (0: that row is greedy, the argmax of z), top_k [batch],
     top_p [batch]. Returns int32 [batch]."""
-    scaled = z / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    drawn = draw(keys, filter_rows(scaled, top_k, top_p))
-    return jnp.where(temperature > 0, drawn, jnp.argmax(z, axis=-1).astype(jnp.int32))
+    greedy = jnp.argmax(z, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        scaled = z / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        return jnp.where(temperature > 0, draw(keys, filter_rows(scaled, top_k, top_p)), greedy)
+
+    # a step of greedy rows only skips the draw's passes over [batch, vocab]; a sampled row
+    # takes the same branch whoever its neighbours are
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
 def row_probs(z: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ from jaxrast.rast.requests import EngineLimits, Request, cancel, validate_reques
 from jaxrast.rast.slot_group import SlotGroup, Stats
 from jaxrast.rast.token_rules import Record
 from jaxrast.runtime.distributed import broadcast_json
+from jaxrast.runtime.mesh import BATCH
 
 log = logging.getLogger("jaxrast.rast.scheduler")
 
@@ -38,6 +39,13 @@ def default_workers(slots: int, mesh) -> int:
     if one_device and jax.default_backend() == "cpu" and jax.process_count() == 1 and (os.cpu_count() or 1) > 1:
         return 2 if slots % 2 == 0 else 1
     return 1
+
+
+def row_split(mesh) -> int:
+    """Devices a mesh splits the slots over (its batch axes): slot counts are multiples of it."""
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in BATCH if a in mesh.shape]))
 
 
 def _as_json(x):
@@ -138,6 +146,7 @@ class Scheduler:
             plan = group.plan(requests, waiting=len(self.queue), first_token_call=self.serving, record=record)
             if plan is None:
                 return []
+            self.stats.peak_rows = max(self.stats.peak_rows, self.running)
             if self.leader:
                 broadcast_json(_as_json(plan))
             return group.absorb(group.execute(plan))

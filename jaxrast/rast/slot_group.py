@@ -33,6 +33,8 @@ class Stats:
         self.tokens = self.finished = self.calls = 0
         self.slot_steps = self.busy_slot_steps = 0
         self.drafted = self.accepted = self.rounds = self.round_tokens = 0
+        self.peak_rows = 0  # the most rows in flight at once, over every group
+        self.moves = 0  # rows moved into lower slots (packing)
         self.start = time.perf_counter()
 
     def record(self, out, *, finished: int, slots: int, speculative: bool) -> None:
@@ -116,6 +118,21 @@ class SlotGroup:
         self.release = np.zeros(self.spec.max_slots, bool)
         self.record = Record()  # what the last decode call recorded
         self.admitted: list[list[Request]] = []  # the last plan's admit calls' requests
+        self.waited = 0  # calls in a row that ran above their rows' bucket (not compiled yet)
+
+    def warm_up(self, record: Record) -> None:
+        """Compiles the decode call at every bucket (of each kind of call this group makes,
+        recording `record`) and the packing move, so that rows coming and going compile
+        nothing later. Only between runs: it decodes the idle slots."""
+        if self.slots:
+            raise RuntimeError("warm_up() runs between decode runs, with every slot free.")
+        idle = np.zeros(self.spec.max_slots, bool)
+        kinds = {"off": [False], "on": [True], "adaptive": [False, True]}[self.speculation.mode]
+        for rows in self.engine.buckets:
+            for kind in kinds:
+                self.state, _ = self.engine.decode(self.state, idle, 1, speculative=kind, record=record, rows=rows)
+        none = np.full(self.spec.max_slots, self.spec.max_slots, np.int32)
+        self.state = self.engine.move(self.state, none, none)
 
     @property
     def free(self) -> list[int]:
@@ -158,18 +175,48 @@ class SlotGroup:
                 self.release[slot] = True
         if not self.slots and not admits:
             return None
+        moves = self._pack()
         exit_after = min(waiting, max(2, self.spec.max_slots // 8)) if waiting else self.spec.max_slots + 1
+        speculative = self.speculation.choose()
+        rows = self.spec.max_slots
+        if self.slots:
+            live = max(self.slots) + 1
+            rows = self.engine.run_at(live, speculative, record, self.waited)
+            self.waited = self.waited + 1 if rows > self.engine.bucket(live) else 0
         plan = {"admits": admits, "release": self.release.copy(), "exit_after": exit_after, "decode": bool(self.slots),
-                "speculative": self.speculation.choose(), "max_steps": 1 if admits and first_token_call else None,
-                "record": [record.logprobs, record.entropies, record.top_logprobs]}
+                "speculative": speculative, "max_steps": 1 if admits and first_token_call else None,
+                "record": [record.logprobs, record.entropies, record.top_logprobs], "moves": moves, "rows": rows}
         self.release[:] = False
         return plan
+
+    def _pack(self) -> dict | None:
+        """Moves for the rows above the smallest bucket that holds them all, into its free
+        slots (a row costs a copy of its caches once, instead of every step of a larger
+        bucket); None: they fit already. The host's slot table moves at once."""
+        if not self.slots:
+            return None
+        target = self.engine.bucket(len(self.slots))
+        high = sorted((s for s in self.slots if s >= target), reverse=True)
+        if not high:
+            return None
+        holes = [s for s in range(target) if s not in self.slots]
+        src = np.full(self.spec.max_slots, self.spec.max_slots, np.int32)
+        dst = src.copy()
+        for i, (old, new) in enumerate(zip(high, holes)):
+            src[i], dst[i] = old, new
+            self.slots[new] = self.slots.pop(old)
+            self.release[new], self.release[old] = self.release[old], False
+        with self.stats.lock:
+            self.stats.moves += len(high)
+        return {"src": src, "dst": dst}
 
     def execute(self, plan: dict):
         """Runs a plan's admit and decode calls; returns (the decode call's output or None,
         each admit call's prompt scores or None) on the host (every process of a
         multi-process run joins the gathers and reads the same)."""
         score, scores = Record(logprobs=True, top_logprobs=plan["record"][2]), []
+        if plan.get("moves") is not None:
+            self.state = self.engine.move(self.state, plan["moves"]["src"], plan["moves"]["dst"])
         for call in plan["admits"]:
             self.state, s = self.engine.admit(self.state, np.asarray(call["tokens"], np.int32),
                                               np.asarray(call["prefix"], np.int32),
@@ -182,7 +229,7 @@ class SlotGroup:
         self.record = Record(*plan["record"])
         self.state, out = self.engine.decode(self.state, np.asarray(plan["release"], bool), plan["exit_after"],
                                              speculative=bool(plan.get("speculative")), max_steps=plan.get("max_steps"),
-                                             record=self.record)
+                                             record=self.record, rows=plan.get("rows"))
         out = host_array(out)
         if plan.get("max_steps") is None:  # a one-step call's tokens/s says little of its kind
             self.speculation.record(bool(plan.get("speculative")), int(out.count.sum()), time.perf_counter() - t0)
@@ -248,8 +295,7 @@ class SlotGroup:
                 finished.append(self._end(slot, req, out, reason, text))
             elif new:
                 self._stream(req)
-        self.stats.record(out, finished=len(finished), slots=self.spec.max_slots,
-                          speculative=self.last_speculative)
+        self.stats.record(out, finished=len(finished), slots=len(out.count), speculative=self.last_speculative)
         return finished
 
     def _end(self, slot: int, req: Request, out, reason: str, text: str | None) -> Request:

@@ -15,7 +15,8 @@ class ServeConfig:
     pairs: tuple[tuple[str, str, Finite], ...] = ()  # ((rl_path, ref_path, default λ), ...)
     host: str = "127.0.0.1"  # loopback by default: exposing a server is a decision
     port: Annotated[int, Field(ge=0, le=65535)] = 8000  # 0: any free port (printed at start)
-    max_slots: Positive = 16
+    max_slots: Positive | None = None  # rows decoded at once (None: as many as kv_memory holds, within a ceiling)
+    kv_memory: float | str | None = None  # KV cache GiB per device, or a share of free memory ('50%')
     max_len: Positive | None = None  # positions per slot; default: the models' max_position_embeddings (≤ 4096)
     max_waiting: Positive = 256
     served_model_name: str = "jaxrast"

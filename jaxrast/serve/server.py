@@ -16,8 +16,10 @@ from jaxrast.serve.config import ServeConfig
 def build_service(cfg: ServeConfig):
     """(service, app) for `cfg`: models loaded, programs warmed up."""
     from jaxrast.models.table import ModelTable
-    from jaxrast.rast.engine import EngineSpec, default_prefill_chunk
+    from jaxrast.rast.capacity import plan_slots
+    from jaxrast.rast.engine_spec import EngineSpec, default_prefill_chunk
     from jaxrast.rast.ensemble import Pair
+    from jaxrast.rast.scheduler import row_split
     from jaxrast.runtime.distributed import on_every_process, process_count
     from jaxrast.runtime.mesh import parse_mesh
     from jaxrast.serve.app import create_app
@@ -42,14 +44,17 @@ def build_service(cfg: ServeConfig):
     max_len = cfg.max_len or min(context, 4096)
     # γ positions beyond the context: a speculative round writes them past a row's budget, so
     # the speculative server takes every request the plain one does
-    spec = EngineSpec(max_slots=cfg.max_slots, max_len=max_len + cfg.speculative, steps=cfg.steps_per_call,
-                      prefill_batch=min(8, cfg.max_slots), prefill_chunk=default_prefill_chunk(),
+    capacity = plan_slots([base, *(m for p in pairs for m in (p.rl, p.ref))], max_len + cfg.speculative,
+                          slots=cfg.max_slots, kv_memory=cfg.kv_memory,
+                          devices=1 if mesh is None else mesh.devices.size, multiple=row_split(mesh))
+    spec = EngineSpec(max_slots=capacity.slots, max_len=max_len + cfg.speculative, steps=cfg.steps_per_call,
+                      prefill_batch=min(8, capacity.slots), prefill_chunk=default_prefill_chunk(),
                       gamma=cfg.speculative)
     service = Service(base, pairs, spec=spec, tokenizer=load.tokenizer, mesh=mesh,
                       speculative_mode=cfg.speculative_mode, max_waiting=cfg.max_waiting,
                       model_name=cfg.served_model_name, chat_template=template, top_logprobs=cfg.top_logprobs,
                       max_prompt_bytes=cfg.max_prompt_bytes, prepare_timeout_s=cfg.prepare_timeout)
-    print(f"jaxrast serve: {spec.max_slots} slots of {max_len} positions, attention backend "
+    print(f"jaxrast serve: {capacity.describe()}, slots of {max_len} positions, attention backend "
           f"{service.scheduler.attention}", file=sys.stderr, flush=True)
     warm_up(service)
     return service, create_app(service, api_key=cfg.api_key, grace_s=cfg.grace, limits=Limits.of(cfg))
@@ -60,6 +65,8 @@ def warm_up(service) -> None:
     admit program, so nothing compiles once serving."""
     from jaxrast.rast.requests import Request, RequestParams
 
+    for group in service.scheduler.groups:  # every slot-count bucket, before the first request
+        group.warm_up(service.scheduler.record)
     for _ in service.scheduler.run([Request([3, 3], RequestParams(max_tokens=2))], service.scheduler.record):
         pass
 

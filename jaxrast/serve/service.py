@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from jaxrast.data.prompts import chat_text, encode_prompts, longest_token_bytes
 from jaxrast.rast.decoding import make_scheduler
-from jaxrast.rast.engine import EngineSpec
+from jaxrast.rast.engine_spec import EngineSpec
 from jaxrast.rast.ensemble import Pair
 from jaxrast.rast.requests import ParamError, Request, RequestParams, Update, default_stop_ids, validate_request
 from jaxrast.rast.token_rules import Record

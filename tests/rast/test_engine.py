@@ -215,12 +215,14 @@ def test_toy_family_greedy_engine_equals_the_reference_decoder():
 
 
 def test_prompts_of_any_length_compile_nothing_after_the_first_call(trio):
-    """RAST fixes its engine at construction: after the first call, prompts of other lengths
-    (and 60 mixed requests) compile nothing; a prompt beyond max_len is refused, naming it."""
+    """RAST fixes its engine at construction: after the first call and `warm_up` (every
+    slot-count bucket), prompts of other lengths and row counts (and 60 mixed requests, whose
+    live rows rise and fall) compile nothing; a prompt beyond max_len is refused, naming it."""
     base, rl, ref, tok = trio
     eng = RAST(base, [Pair(rl, ref, 0.8)], tokenizer=tok, batch_size=4, max_len=128)
     params = SamplingParams(temperature=0.7, max_new_tokens=12, logprobs=False)
     eng.generate([[5] * 3], params, progress=False)
+    eng.warm_up(params)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, _d, **kw: compiles.append(event) if "backend_compile" in event else None)

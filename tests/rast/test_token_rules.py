@@ -5,7 +5,7 @@ both call these)."""
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrast.rast.engine import Slots
+from jaxrast.rast.slots import Slots
 from jaxrast.rast.token_rules import advance, force_continue, mask_early_stops, row_ends
 
 VOCAB, STOP = 10, 7
