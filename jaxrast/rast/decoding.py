@@ -66,7 +66,8 @@ class RAST:
     holds, at most the platform's ceiling: `capacity` says how many and why); a call runs
     at the smallest compiled slot count that holds its live rows. `kv_memory`: KV cache
     memory in GiB per device, or a share of free memory ('50%'; default: half of a CPU's
-    available RAM, 90% of an accelerator's free memory). `max_len`: positions per slot,
+    available RAM, 90% of an accelerator's free memory). `rows_needed`: the rows of a known
+    workload (a decode job's prompts × n): no more slots than that. `max_len`: positions per slot,
     prompt + max_new_tokens (+ γ when speculative) must fit (default: the models' context,
     at most 2048). `workers`: the slots are split into this many groups decoded concurrently
     from threads (default: 2 on one multi-core CPU device, whose decode steps leave cores
@@ -75,15 +76,18 @@ class RAST:
     256 on accelerators). `speculative`: γ
     drafts per round from the first pair's rl model (0: off). `attention`: the attention
     backend (default: chosen for the platform and cache; `RAST.attention` names it).
+    `buckets`: a call runs at the smallest compiled slot count holding its live rows (True),
+    or always at all of them (False: a row's bits then never depend on how many rows run
+    beside it; across slot counts XLA may round a matrix product in the last bit).
     """
 
     def __init__(self, base: CausalLM, pairs: Sequence[Pair | tuple] = (), *, tokenizer=None,
                  mesh: Mesh | None = None, lam_schedule: str | Callable | None = None,
-                 batch_size: int | None = None, kv_memory: float | str | None = None,
+                 batch_size: int | None = None, kv_memory: float | str | None = None, rows_needed: int | None = None,
                  max_len: int | None = None, vocab_size: int | None = None,
                  workers: int | None = None, steps_per_call: int = 32, prefill_batch: int | None = None,
                  prefill_chunk: int | None = None, speculative: int = 0, speculative_mode: str = "on",
-                 attention: AttentionBackend | None = None):
+                 attention: AttentionBackend | None = None, buckets: bool = True):
         self.pairs = pairs = [p if isinstance(p, Pair) else Pair(*p) for p in pairs]
         self.tokenizer = tokenizer
         self.lams = np.array([p.lam for p in pairs], np.float32)
@@ -97,7 +101,7 @@ class RAST:
         elif max_len > limit:  # RoPE still runs past it, but the models were never trained there
             warnings.warn(f"max_len={max_len} is beyond a model's max_position_embeddings ({limit}); expect "
                           "degraded text past that position.", stacklevel=2)
-        self.capacity = plan_slots(models, max_len, slots=batch_size, kv_memory=kv_memory,
+        self.capacity = plan_slots(models, max_len, slots=batch_size, kv_memory=kv_memory, needed=rows_needed,
                                    devices=1 if mesh is None else mesh.devices.size, multiple=row_split(mesh))
         log.info("RAST: %s", self.capacity.describe())
         self.batch_size = batch_size = self.capacity.slots
@@ -114,7 +118,7 @@ class RAST:
         spec = EngineSpec(max_slots=program_batch, max_len=max_len, steps=steps_per_call,
                           prefill_batch=prefill_batch or min(32, program_batch),
                           prefill_chunk=prefill_chunk or default_prefill_chunk(),
-                          gamma=speculative)
+                          gamma=speculative, buckets=None if buckets else (program_batch,))
         self.ensemble, self.scheduler = make_scheduler(
             base, pairs, tokenizer=tokenizer, mesh=mesh, lam_schedule=self.lam_schedule, vocab_size=vocab_size,
             spec=spec, workers=self.workers, speculative_mode=speculative_mode, attention=attention,

@@ -109,3 +109,9 @@ def test_a_smaller_bucket_compiles_only_once_calls_keep_needing_it():
     assert run_at(3) == 16 and run_at(1) == 1
     assert run_at(3, waited=COMPILE_AFTER) == 4
     assert Engine.run_at(fake, 3, False, Record(logprobs=True), 0) == 4  # another program: nothing compiled
+
+
+def test_buckets_can_be_turned_off_for_bit_identical_reruns(trio):
+    base, _, _, tok = trio
+    eng = RAST(base, tokenizer=tok, batch_size=4, workers=1, max_len=64, buckets=False)
+    assert eng.spec.buckets == (4,) and eng.scheduler.groups[0].engine.bucket(1) == 4
