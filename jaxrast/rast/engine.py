@@ -167,31 +167,24 @@ class Engine:
         tokens only, whoever is admitted with it. `score(start, logits, scores) -> scores`:
         what each chunk's logits add to the row's prompt scores, starting from `scores`
         (None: last position only)."""
-        chunk, tail = self.spec.prefill_chunk, self.spec.prefill_tail
+        chunk = self.spec.prefill_chunk
         width = self._prefill_width()
         fresh = tuple(KVCache.init(m.cfg, 1, width, m.dtype, per_row=True, mask=True) for m in models)
 
-        def forward(start, size, carry):
+        def forward(j, carry):
             caches, scores = carry
-            ids = jax.lax.dynamic_slice_in_dim(tokens, start, size)[None]
-            positions = (start + jnp.arange(size, dtype=jnp.int32))[None]
+            start = j * chunk
+            ids = jax.lax.dynamic_slice_in_dim(tokens, start, chunk)[None]
+            positions = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
             out, logits = [], []
             for m, cache in zip(models, caches):
                 z, cache = m(ids, positions, attention_mask=positions < prefix, cache=cache.replace(index=start[None]),
-                             last_only=score is None, attention=self.attention, kv_len=start[None] + size)
+                             last_only=score is None, attention=self.attention, kv_len=start[None] + chunk)
                 out.append(cache)
                 logits.append(z)
             return tuple(out), (scores if score is None else score(start, logits, scores))
 
-        # whole chunks, and a rest of at most `tail` tokens in one narrow forward: padded
-        # positions are computed (a 39-token prefix pads 25 at chunk 32), but a narrow forward
-        # costs more per token (on 2 CPU cores, 8 tokens cost ~0.55 of a 32-token chunk), so a
-        # longer rest takes a whole chunk
-        rest = prefix % chunk
-        chunks = prefix // chunk + (rest > tail).astype(jnp.int32)
-        carry = jax.lax.fori_loop(0, chunks, lambda j, c: forward(j * chunk, chunk, c), (fresh, scores))
-        narrow = ((rest > 0) & (rest <= tail)).astype(jnp.int32)
-        return jax.lax.fori_loop(0, narrow, lambda j, c: forward(chunks * chunk, tail, c), carry)
+        return jax.lax.fori_loop(0, (prefix + chunk - 1) // chunk, forward, (fresh, scores))
 
     def _prefill_width(self) -> int:
         chunk = self.spec.prefill_chunk

@@ -14,15 +14,6 @@ def default_prefill_chunk() -> int:
     return 32 if jax.default_backend() == "cpu" else 256
 
 
-def default_prefill_tail(chunk: int) -> int:
-    """Tokens of a narrow forward for a prompt's short last piece: on CPU, where a forward
-    costs its positions, the largest divisor of `chunk` up to 8; on an accelerator the whole
-    chunk (a narrow forward costs about what a wide one does)."""
-    if jax.default_backend() != "cpu":
-        return chunk
-    return max(d for d in range(1, min(8, chunk) + 1) if chunk % d == 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class EngineSpec:
     """The static shape of an engine: everything here is compiled in."""
@@ -34,9 +25,6 @@ class EngineSpec:
     # prompt tokens per prefill forward: every prompt length runs the one admit program; a
     # prompt wastes at most chunk - 1 padded positions
     prefill_chunk: int = 32
-    # tokens per forward of a prompt's last, partial chunk (divides prefill_chunk; None: the
-    # platform's, `default_prefill_tail`)
-    prefill_tail: int | None = None
     max_stop_ids: int = 8
     max_forced: int = 32  # tokens of a continue text
     gamma: int = 0  # speculative rounds: the first pair's rl model drafts γ tokens (0: plain steps only)
@@ -45,15 +33,9 @@ class EngineSpec:
     buckets: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.prefill_tail is None:
-            object.__setattr__(self, "prefill_tail", default_prefill_tail(self.prefill_chunk))
-        for name in ("max_slots", "max_len", "steps", "prefill_batch", "prefill_chunk", "prefill_tail", "max_stop_ids",
-                     "max_forced"):
+        for name in ("max_slots", "max_len", "steps", "prefill_batch", "prefill_chunk", "max_stop_ids", "max_forced"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineSpec.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.prefill_chunk % self.prefill_tail:
-            raise ValueError(f"EngineSpec.prefill_tail ({self.prefill_tail}) must divide prefill_chunk "
-                             f"({self.prefill_chunk}).")
         if self.gamma < 0:
             raise ValueError(f"EngineSpec.gamma must be >= 0, got {self.gamma}.")
         if self.buckets is None:
