@@ -68,34 +68,22 @@ def fmt(r) -> str:
 
 # ---- jaxrast -----------------------------------------------------------------------------------
 
-def jaxrast_base(base, tok, prompts, new: int, repeats: int, engine=None, trace: str | None = None):
-    """(engine, run times); `trace`: a directory for a `jax.profiler` trace of one more run
-    (TensorBoard's profile plugin or Perfetto read it)."""
-    from jaxrast import RAST, SamplingParams
-
-    engine = engine or RAST(base, tokenizer=tok)
-    params = SamplingParams(temperature=0, max_new_tokens=new, stop_token_ids=(), logprobs=False)
+def jaxrast_run(engine, prompts, params, repeats: int, trace: str | None = None) -> list[float]:
+    """Run times of `engine.generate` after `warm_up`; `trace`: a directory for a
+    `jax.profiler` trace of one more run (TensorBoard's profile plugin or Perfetto read it)."""
     engine.warm_up(params)
     times = timed(lambda: engine.generate(prompts, params, progress=False), repeats)
     if trace:
         with jax.profiler.trace(os.path.join(trace, f"rows{len(prompts)}")):
             engine.generate(prompts, params, progress=False)
-    return engine, times
-
-
-def jaxrast_rast(models, tok, prompts, new: int, repeats: int, engine=None):
-    from jaxrast import RAST, Pair, SamplingParams
-
-    base, rl, ref = models
-    engine = engine or RAST(base, [Pair(rl, ref, 1.0)], tokenizer=tok)
-    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=new, stop_token_ids=(), logprobs=False)
-    engine.warm_up(params)
-    return engine, timed(lambda: engine.generate(prompts, params, progress=False), repeats)
+    return times
 
 
 def forward_bound(model, rows: int, prompt_len: int, new: int, repeats: int) -> list[float]:
     """Seconds per `new` steps of the model's forward alone (one token a row over a KV cache of
     prompt + new positions, read through the engine's attention backend)."""
+    from flax import nnx
+
     from jaxrast.models.attention import cache_length
     from jaxrast.models.attention_backend import choose
     from jaxrast.models.kv_cache import KVCache
@@ -103,8 +91,6 @@ def forward_bound(model, rows: int, prompt_len: int, new: int, repeats: int) -> 
     length = cache_length(prompt_len + new)
     backend = choose(platform=jax.default_backend(), mesh=None, dtypes=[model.dtype], head_dims=[model.cfg.head_dim],
                      cache_len=length)
-    from flax import nnx
-
     graph, state = nnx.split(model)
 
     @jax.jit
@@ -207,6 +193,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from jaxrast import RAST, Pair, SamplingParams
+
     torch.set_num_threads(os.cpu_count() or 1)
     checkpoint = args.checkpoint or default_checkpoint()
     if checkpoint.endswith(".gguf"):
@@ -222,11 +210,11 @@ def main() -> None:
             print(f"\nbase mode, {dtype}, greedy: tokens/s")
             print(f"{'rows':>5} | {'jaxrast, defaults':>24} | {'transformers generate':>24} | {'forward alone':>24} |"
                   f" {'vs transformers':>15} | {'of the bound':>12}")
-            engine = None
+            engine = RAST(model, tokenizer=tok)
+            params = SamplingParams(temperature=0, max_new_tokens=args.new, stop_token_ids=(), logprobs=False)
             for rows in map(int, args.rows.split(",")):
                 prompts = chat_prompts(tok, rows)
-                engine, t = jaxrast_base(model, tok, prompts, args.new, args.repeats, engine, args.trace)
-                ours = rate(rows * args.new, t)
+                ours = rate(rows * args.new, jaxrast_run(engine, prompts, params, args.repeats, args.trace))
                 bound = rate(rows * args.new, forward_bound(model, rows, max(map(len, prompts)), args.new,
                                                             args.repeats))
                 theirs = None if args.no_torch else rate(rows * args.new, hf_generate(hf, tok, prompts, args.new,
@@ -238,13 +226,14 @@ def main() -> None:
         if "rast" in modes:
             print(f"\nRAST mode (base, rl, ref = the checkpoint three times), {dtype}, sampled τ = 1: tokens/s")
             print(f"{'rows':>5} | {'jaxrast, defaults':>24} | {'HF loop, 3 models':>24} | {'ratio':>7}")
-            jax_models = [model] + [load(checkpoint, dtype)[0] for _ in range(2)]
-            hf_models = [hf] + [load(checkpoint, dtype)[2] for _ in range(2)]
-            engine = None
+            (rl, _, hf_rl), (ref, _, hf_ref) = (load(checkpoint, dtype) for _ in range(2))
+            engine = RAST(model, [Pair(rl, ref, 1.0)], tokenizer=tok)
+            params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=args.new, stop_token_ids=(),
+                                    logprobs=False)
+            hf_models = [hf, hf_rl, hf_ref]
             for rows in map(int, args.rast_rows.split(",")):
                 prompts = chat_prompts(tok, rows)
-                engine, t = jaxrast_rast(jax_models, tok, prompts, args.new, args.repeats, engine)
-                ours = rate(rows * args.new, t)
+                ours = rate(rows * args.new, jaxrast_run(engine, prompts, params, args.repeats))
                 theirs = None if args.no_torch else rate(rows * args.new, hf_rast_loop(hf_models, tok, prompts,
                                                                                         args.new, args.repeats))
                 print(f"{rows:5d} | {fmt(ours):>24} | {fmt(theirs) if theirs else '':>24} | "

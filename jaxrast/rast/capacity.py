@@ -10,15 +10,14 @@ ceiling; each decode call then runs at the smallest compiled bucket holding its 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import os
 from typing import Sequence
 
 import jax
 import numpy as np
 
 from jaxrast.models.attention import cache_length
-
-log = logging.getLogger(__name__)
+from jaxrast.plan.concurrency import kv_bytes_per_token
 
 # the share of free memory the KV caches may take: on a CPU the host's RAM is shared with
 # the process and everyone else; an accelerator's is free after the weights are loaded
@@ -51,12 +50,7 @@ class Capacity:
 def slot_bytes(models: Sequence, max_len: int) -> int:
     """KV bytes of one dense slot of `max_len` positions across `models` (keys, values, mask)."""
     positions = cache_length(max_len)
-    total = 0
-    for m in models:
-        cfg = m.cfg
-        per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * np.dtype(m.dtype).itemsize
-        total += positions * (per_position + 1)
-    return total
+    return sum(positions * (kv_bytes_per_token(m.cfg, np.dtype(m.dtype).itemsize) + 1) for m in models)
 
 
 def free_memory(device=None) -> int:
@@ -74,8 +68,6 @@ def free_memory(device=None) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
@@ -110,8 +102,8 @@ def plan_slots(models: Sequence, max_len: int, *, slots: int | None = None, kv_m
         return Capacity(slots, "explicit", fit, per_slot, budget)
     ceiling = CEILING.get(jax.local_devices()[0].platform, DEFAULT_CEILING)
     count, reason = (ceiling, "ceiling") if fit >= ceiling else (fit, "memory")
-    if needed is not None and needed < count:
-        count, reason = -(-needed // multiple) * multiple, "work"
+    if needed is not None and needed < count:  # rounded up to the split, never past what fits
+        count, reason = min(-(-needed // multiple) * multiple, count), "work"
     count = count // multiple * multiple
     if count < 1:
         raise ValueError(f"the KV memory ({budget / 2**30:.2f} GiB) holds no slot of {max_len} positions "

@@ -111,9 +111,7 @@ class SlotGroup:
         self.spec = engine.spec
         self.state = engine.init_state()
         if self.speculation.mode == "adaptive":  # both programs (usual `record`) compiled now, not in a timed call
-            for kind in (False, True):
-                self.state, _ = engine.decode(self.state, np.ones(self.spec.max_slots, bool), 1, speculative=kind,
-                                              record=record)
+            self._compile((self.spec.max_slots,), record)
         self.slots: dict[int, Request] = {}
         self.release = np.zeros(self.spec.max_slots, bool)
         self.record = Record()  # what the last decode call recorded
@@ -126,13 +124,18 @@ class SlotGroup:
         nothing later. Only between runs: it decodes the idle slots."""
         if self.slots:
             raise RuntimeError("warm_up() runs between decode runs, with every slot free.")
-        idle = np.zeros(self.spec.max_slots, bool)
-        kinds = {"off": [False], "on": [True], "adaptive": [False, True]}[self.speculation.mode]
-        for rows in self.engine.buckets:
-            for kind in kinds:
-                self.state, _ = self.engine.decode(self.state, idle, 1, speculative=kind, record=record, rows=rows)
+        self._compile(self.engine.buckets, record)
         none = np.full(self.spec.max_slots, self.spec.max_slots, np.int32)
         self.state = self.engine.move(self.state, none, none)
+
+    def _compile(self, buckets, record: Record) -> None:
+        """Decode calls over the idle slots at each of `buckets`, of each kind this group
+        makes (plain, speculative or both): their programs compile now."""
+        idle = np.zeros(self.spec.max_slots, bool)
+        kinds = {"off": [False], "on": [True], "adaptive": [False, True]}[self.speculation.mode]
+        for rows in buckets:
+            for kind in kinds:
+                self.state, _ = self.engine.decode(self.state, idle, 1, speculative=kind, record=record, rows=rows)
 
     @property
     def free(self) -> list[int]:
