@@ -19,6 +19,7 @@ per-step cost of fusion.
     python benchmarks/decode.py                               # long-tail, random checkpoints
     python benchmarks/decode.py --family jaxrast/toy/family   # long-tail on the toy family
     python benchmarks/decode.py --workload uniform --base B --rl R --ref F
+    python benchmarks/decode.py --workload paged              # dense vs paged KV at equal memory
 
 The static path is `static_batches.py` (the seed repo's batching: each batch decoded until its
 longest row ends). Not a timed test: numbers depend on the machine.
@@ -165,7 +166,11 @@ def uniform(args, paths, models, tok) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=("long-tail", "uniform", "both"), default="long-tail")
+    ap.add_argument("--workload", choices=("long-tail", "uniform", "both", "paged"), default="long-tail",
+                    help="paged: dense slots vs paged KV at equal memory (benchmarks/paged.py)")
+    ap.add_argument("--dense-slots", type=int, nargs="+", default=[4, 16],
+                    help="paged: the dense slot counts whose memory both engines get (default 4 16)")
+    ap.add_argument("--problems", type=int, default=4, help="paged: prompts of the n = 8 workload (default 4)")
     ap.add_argument("--family", help="the toy family directory (s_base, s_rl, m_base): long-tail median 48, cap 224")
     ap.add_argument("--base")
     ap.add_argument("--rl")
@@ -200,6 +205,9 @@ def main() -> None:
         long_tail(args, paths, models, tok, toy=bool(args.family))
     if args.workload in ("uniform", "both"):
         uniform(args, paths, models, tok)
+    if args.workload == "paged":
+        from paged import paged
+        paged(args, paths, models, tok, toy=bool(args.family))
 
 
 if __name__ == "__main__":

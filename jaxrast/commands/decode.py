@@ -20,7 +20,7 @@ EPILOG = """examples:
 
 # CLI flag -> DecodeConfig field (flags left unset keep the YAML/default value)
 _FLAGS = ("base", "mode", "dataset", "limit", "prompt_template", "temperature", "top_p", "top_k", "n",
-          "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "kv_memory",
+          "max_new_tokens", "seed", "lam_schedule", "out", "batch_size", "kv_memory", "page_size",
           "dtype", "mesh", "trace_top_k", "trace_out",
           "min_tokens", "continue_text", "speculative", "speculative_mode", "system", "max_prompt_bytes")
 
@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "on CPU and 256 on an accelerator)")
     add("--kv-memory", help="KV cache memory: GiB per device (2.5) or a share of free memory ('50%%'; default: "
         "50%% of a CPU's available RAM, 90%% of an accelerator's free memory)")
+    add("--page-size", type=int, help="KV positions per page: a row holds the pages its tokens fill, --kv-memory "
+        "sizes the pool, and the rows in flight grow to what it holds (default: dense slots of the whole length)")
     add("--no-progress", action="store_true")
     add("--save-token-ids", action="store_true",
         help="also write each row's prompt_ids and generated token_ids (exact input for jaxrast analyze)")

@@ -49,6 +49,7 @@ class DecodeConfig:
     out: str = "results.jsonl"
     batch_size: Positive | None = None  # rows decoded at once (None: as many as kv_memory holds, within a ceiling)
     kv_memory: float | str | None = None  # KV cache GiB per device, or a share of free memory ('50%')
+    page_size: Positive | None = None  # KV positions per page (None: dense slots of the whole length)
     workers: Positive | None = None  # concurrent slot groups (None: 2 on one CPU device, else 1)
     steps_per_call: Positive = 32  # engine decode steps per device call
     speculative: NonNegative = 0  # γ: the first pair's rl model drafts γ tokens per round (0: off)
@@ -243,7 +244,8 @@ def _decode(cfg, mode, rows, prompts, benchmark, params, run, finished, output, 
     # the slots fit this job's longest row (a round may write γ positions past a budget), in 64s
     max_len = -(-(max(map(len, prompt_ids)) + cfg.max_new_tokens + gamma) // 64) * 64
     engine = result.engine = RAST(model, pairs, tokenizer=tok, mesh=mesh, lam_schedule=cfg.lam_schedule,
-                                  batch_size=cfg.batch_size, kv_memory=cfg.kv_memory, max_len=max_len,
+                                  batch_size=cfg.batch_size, kv_memory=cfg.kv_memory, page_size=cfg.page_size,
+                                  max_len=max_len,
                                   rows_needed=len(todo) * cfg.n, workers=cfg.workers,
                                   steps_per_call=cfg.steps_per_call, speculative=gamma,
                                   speculative_mode=cfg.speculative_mode)

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "64 on CPU and 256 on an accelerator)")
     add("--kv-memory", help="KV cache memory: GiB per device (2.5) or a share of free memory ('50%%'; default: "
         "50%% of a CPU's available RAM, 90%% of an accelerator's free memory)")
+    add("--page-size", type=int, help="KV positions per page: a row holds the pages its tokens fill, --kv-memory "
+        "sizes the pool, and the rows in flight grow to what it holds (default: dense slots of the whole length)")
     add("--max-len", type=int, help="positions per slot: prompt + generated tokens (default: the models' context)")
     add("--max-waiting", type=int, help="requests queued for a slot before answering 429 (default 256)")
     add("--served-model-name", help="the model name clients send (default 'jaxrast')")
@@ -55,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_loading_and_processes(parser)
 
 
-_FLAGS = ("base", "host", "port", "max_slots", "kv_memory",
+_FLAGS = ("base", "host", "port", "max_slots", "kv_memory", "page_size",
           "max_len", "max_waiting", "served_model_name", "chat_template",
           "grace", "dtype", "mesh", "speculative", "speculative_mode", "max_body_bytes", "max_prompt_bytes",
           "read_timeout", "prepare_timeout", "max_connections")

@@ -79,7 +79,22 @@ def dense_attention(q, k, v, allowed, layer: LayerAttention):
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
 
 
-def ragged_attention(q, k, v, allowed, bounds, layer: LayerAttention, query_positions):
+def row_pages(k) -> jax.Array:
+    """The page table of a cache in rows: row r is page r, of the whole row's length."""
+    return jnp.arange(k.shape[0], dtype=jnp.int32)[:, None]
+
+
+def gather_pages(k, v, pages):
+    """Rows [b, kv, d, s] and [b, kv, s, d] of a paged cache (pools [P, kv, d, page] and
+    [P, kv, page, d], table pages [b, n]; s = n · page): what dense attention reads."""
+    pages = jnp.minimum(pages, k.shape[0] - 1)  # an entry with no page: any page (masked)
+    kr, vr = k[pages], v[pages]  # [b, n, kv, d, page], [b, n, kv, page, d]
+    b, n, kv, d, size = kr.shape
+    return (kr.transpose(0, 2, 3, 1, 4).reshape(b, kv, d, n * size),
+            vr.transpose(0, 2, 1, 3, 4).reshape(b, kv, n * size, d))
+
+
+def ragged_attention(q, k, v, allowed, bounds, layer: LayerAttention, query_positions, pages=None):
     """Softmax attention of row r over the cache's blocks below ceil(bounds[r] / block)
     (none for a bound of 0: the row's output is 0); a sliding layer's row starts at the
     block holding its first query's first visible key (query_positions [b, t]), so a step
@@ -88,10 +103,12 @@ def ragged_attention(q, k, v, allowed, bounds, layer: LayerAttention, query_posi
     each); each pair's softmax pieces land in a [b, blocks] table reduced over blocks in a
     fixed order. A row's result is a function of its own blocks only: bit for bit the same
     whatever its neighbours' bounds, its slot, or where its pairs fell in the loop (a block
-    a row does not need adds an exact 0)."""
-    b, s, d = q.shape[0], v.shape[2], q.shape[-1]
-    block = _block_size(s)
-    blocks = s // block
+    a row does not need adds an exact 0). `pages` [b, n]: k and v are page pools and this the
+    rows' page table (`kv_cache.KVCache`; blocks tile pages); None: k and v hold rows."""
+    pages = row_pages(k) if pages is None else jnp.minimum(pages, k.shape[0] - 1)
+    b, page, d = q.shape[0], v.shape[2], q.shape[-1]
+    block = _block_size(page)
+    blocks = pages.shape[1] * page // block
     # a bound of 0 (a free slot) reads no block and gives 0
     last = jnp.clip((bounds + block - 1) // block, 0, blocks).astype(jnp.int32)  # [b]
     first = jnp.zeros_like(last)
@@ -107,16 +124,19 @@ def ragged_attention(q, k, v, allowed, bounds, layer: LayerAttention, query_posi
     dest = jnp.where(pair < ends[-1], row, b)
     row, at, dest = (x.reshape(blocks, b) for x in (row, at, dest))
 
-    def take(x, r, j, axis):  # block j of row r along `axis` (x[r] would copy the whole row)
-        start = [r if a == 0 else j * block if a == axis else 0 for a in range(x.ndim)]
+    def take(x, r, at, axis):  # `block` positions of row (or page) r from `at` along `axis`
+        start = [r if a == 0 else at if a == axis else 0 for a in range(x.ndim)]
         size = [1 if a == 0 else block if a == axis else n for a, n in enumerate(x.shape)]
         return jax.lax.dynamic_slice(x, start, size)[0]
 
+    def take_keys(x, r, j, axis):  # block j of row r: in its page (x[r] would copy a whole page)
+        return take(x, pages[r, j * block // page], j * block % page, axis)
+
     def body(i, table):
         rows, ats = row[i], at[i]
-        kb = jax.vmap(lambda r, j: take(k, r, j, 3))(rows, ats)
-        vb = jax.vmap(lambda r, j: take(v, r, j, 2))(rows, ats)
-        seen = jax.vmap(lambda r, j: take(allowed, r, j, 2))(rows, ats)
+        kb = jax.vmap(lambda r, j: take_keys(k, r, j, 3))(rows, ats)
+        vb = jax.vmap(lambda r, j: take_keys(v, r, j, 2))(rows, ats)
+        seen = jax.vmap(lambda r, j: take(allowed, r, j * block, 2))(rows, ats)
         top, total, acc = _partial(q[rows], kb, vb, seen, layer)
         piece = jnp.concatenate([acc, top[..., None], total[..., None]], axis=-1)
         return table.at[dest[i], ats].set(piece, mode="drop")

@@ -22,7 +22,6 @@ key at or past a row's bound). Each call also gets the calling layer's `LayerAtt
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import jax
@@ -30,23 +29,34 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxrast.models.attention import RAGGED_FROM, LayerAttention, dense_attention, ragged_attention, visible
+from jaxrast.models.attention import (
+    RAGGED_FROM,
+    LayerAttention,
+    dense_attention,
+    gather_pages,
+    ragged_attention,
+    visible,
+)
 from jaxrast.models.cpu_attention import available as cpu_kernel_available
 from jaxrast.models.cpu_attention import decode_attention
+from jaxrast.models.pallas_attention import gpu_paged_decode
+from jaxrast.models.pallas_attention import takes as pallas_takes
 from jaxrast.models.partitioning import fit_spec
 from jaxrast.runtime.mesh import BATCH
 
 log = logging.getLogger(__name__)
 
-KINDS = ("dense", "cpu_kernel", "xla_ragged")
+KINDS = ("dense", "cpu_kernel", "xla_ragged", "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionBackend:
-    """`kind` (one of `KINDS`) on one device, or per device of `mesh`."""
+    """`kind` (one of `KINDS`) on one device, or per device of `mesh`; `interpret`: a Pallas
+    kind runs in Pallas's interpreter (CPU tests)."""
 
     kind: str = "dense"
     mesh: Mesh | None = None
+    interpret: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -60,33 +70,46 @@ class AttentionBackend:
         """How logs and /metrics call it: the kind, and where a mesh runs it."""
         return self.kind if self.mesh is None else f"{self.kind} per device of {self.mesh.devices.size}"
 
-    def __call__(self, q, k, v, query_positions, key_mask, bounds, layer: LayerAttention):
-        local = functools.partial(_attend, self.kind, layer)
+    def __call__(self, q, k, v, pages, query_positions, key_mask, bounds, layer: LayerAttention):
+        """pages: None (k and v hold rows) or the rows' page table [b, n] into the pools k
+        and v (`kv_cache.KVCache`)."""
         if self.mesh is None or self.mesh.devices.size == 1:
-            return local(q, k, v, query_positions, key_mask, bounds)
+            return _attend(self, layer, q, k, v, pages, query_positions, key_mask, bounds)
         mesh = self.mesh
         specs = [fit_spec(P(BATCH, "tensor"), q.shape, mesh, warn=False),
                  fit_spec(P(BATCH, "tensor"), k.shape, mesh, warn=False),
-                 fit_spec(P(BATCH, "tensor"), v.shape, mesh, warn=False),
-                 fit_spec(P(BATCH), query_positions.shape, mesh, warn=False),
-                 fit_spec(P(BATCH), key_mask.shape, mesh, warn=False),
-                 fit_spec(P(BATCH), bounds.shape, mesh, warn=False)]
+                 fit_spec(P(BATCH, "tensor"), v.shape, mesh, warn=False)]
         rows, heads = specs[0][0], specs[0][1]
-        # q, k and v must agree on how rows and heads split, or a device would see another's keys
-        specs[:3] = [P(rows, heads)] * 3
-        specs[3:] = [P(rows)] * 3
+        # q, k and v must agree on how rows (pages) and heads split, or a device would see
+        # another's keys; a row's pages are on its own device (`rast.pages.PagePool`)
+        specs = [P(rows, heads)] * 3 + [P(rows)] * 4
+        paged = pages is not None
+
+        def local(q, k, v, pages, query_positions, key_mask, bounds):
+            if paged and rows is not None:  # global page ids -> this device's pool
+                pages = pages - jax.lax.axis_index(rows) * k.shape[0]
+            return _attend(self, layer, q, k, v, pages if paged else None, query_positions, key_mask, bounds)
+
         run = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(rows, heads), check_vma=False)
-        return run(q, k, v, query_positions, key_mask, bounds)
+        table = pages if paged else jnp.zeros((q.shape[0], 1), jnp.int32)
+        return run(q, k, v, table, query_positions, key_mask, bounds)
 
 
-def _attend(kind: str, layer: LayerAttention, q, k, v, query_positions, key_mask, bounds):
+def _attend(backend: AttentionBackend, layer: LayerAttention, q, k, v, pages, query_positions, key_mask, bounds):
     # k and v may hold more rows than q (a step over an engine's low slots): query row r reads
-    # cache row r; the kernels index rows, the dense reference reads the first rows
+    # cache row r (or its pages); the kernels index rows, the dense reference reads the first rows
+    kind = backend.kind
+    if kind == "pallas_gpu":  # decode steps through the kernel, the rest (prefill, verification) ragged
+        if pallas_takes(q, pages, layer):
+            return gpu_paged_decode(q, k, v, pages, bounds, layer, interpret=backend.interpret)
+        kind = "xla_ragged"
     if kind == "cpu_kernel":
-        return decode_attention(q, k, v, query_positions, key_mask, layer).astype(v.dtype)
+        return decode_attention(q, k, v, query_positions, key_mask, layer, pages).astype(v.dtype)
     allowed = visible(query_positions, key_mask, layer.window)  # [b, t, s]
     if kind == "xla_ragged":
-        return ragged_attention(q, k, v, allowed, bounds, layer, query_positions)
+        return ragged_attention(q, k, v, allowed, bounds, layer, query_positions, pages)
+    if pages is not None:
+        k, v = gather_pages(k, v, pages)
     return dense_attention(q, k[:q.shape[0]], v[:q.shape[0]], allowed, layer)
 
 

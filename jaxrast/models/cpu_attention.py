@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrast.models.attention import LayerAttention
+from jaxrast.models.attention import LayerAttention, row_pages
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +101,18 @@ def kernel_fits(q_shape, k_shape, dtype) -> bool:
     return dtype == jnp.float32 and q_shape[-1] % 8 == 0 and k_shape[-1] % 8 == 0
 
 
-def decode_attention(q, k, v, positions, key_mask, layer: LayerAttention):
+def decode_attention(q, k, v, positions, key_mask, layer: LayerAttention, pages=None):
     """Softmax attention of queries q [b, kv, g, t, d] over the cache k [b, kv, d, s], v
-    [b, kv, s, d]: query (b, t) sees key j when j <= positions[b, t], key_mask[b, j] and, for
-    a sliding `layer`, j > positions[b, t] - window (the keys behind it are never read); scores
-    are scaled and soft-capped as `layer` says. A query that sees nothing gives 0. Returns
-    [b, kv, g, t, d] float32. Needs `available()` (and shapes that `kernel_fits`)."""
+    [b, kv, s, d] (or the page pools k [P, kv, d, page], v [P, kv, page, d] and the rows'
+    page table `pages` [b, n], s = n · page): query (b, t) sees key j when j <= positions[b, t],
+    key_mask[b, j] and, for a sliding `layer`, j > positions[b, t] - window (the keys behind
+    it are never read); scores are scaled and soft-capped as `layer` says. A query that sees
+    nothing gives 0. Returns [b, kv, g, t, d] float32. Needs `available()` (and shapes that
+    `kernel_fits`)."""
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    pages = row_pages(k) if pages is None else pages
     # 0 stands for "none" in the kernel's attributes (a window or cap of 0 is meaningless)
-    return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+    return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), pages.astype(jnp.int32),
                 positions.astype(jnp.int32), key_mask.astype(bool),
                 divisor=np.float32(layer.divisor), window=np.int64(layer.window or 0),
                 softcap=np.float32(layer.softcap or 0.0))

@@ -1,4 +1,5 @@
-"""The KV cache of one model: keys and values of every layer for a fixed number of slots."""
+"""The KV cache of one model: keys and values of every layer, in rows (one per sequence) or
+in pages (a pool of fixed-size blocks of positions that a page table maps each row onto)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,18 @@ class KVCache:
     index: the next position to write: [] int32 when every row writes at the same
            position (a static batch, left-padded), or [batch] int32, one per row (the
            engine's slots, each at its own length)
+    pages: None (k and v hold rows), or the page table [batch, max_len / page_size] int32 of a
+           paged cache: k and v are then pools [pages, kv_heads, head_dim, page_size] and
+           [pages, kv_heads, page_size, head_dim], position p of row r lives in page
+           pages[r, p // page_size] at p % page_size, and an entry >= the pool's size (a
+           position with no page yet) is never written
     """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
+    pages: jax.Array | None = None
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, *, per_row: bool = False,
@@ -41,6 +48,20 @@ class KVCache:
             index=jnp.zeros((batch,) if per_row else (), jnp.int32),
         )
 
+    @classmethod
+    def paged(cls, cfg: ModelConfig, slots: int, max_len: int, page_size: int, num_pages: int,
+              dtype=jnp.float32) -> "KVCache":
+        """A paged cache of `num_pages` zero pages of `page_size` positions for `slots` rows of
+        `max_len` (a multiple of `page_size`) positions; every table entry is `num_pages`
+        (no page yet), every mask position True."""
+        if max_len % page_size:
+            raise ValueError(f"a paged cache's rows ({max_len} positions) must be whole pages of {page_size}.")
+        kv, d, layers = cfg.num_key_value_heads, cfg.head_dim, range(cfg.num_hidden_layers)
+        return cls(k=tuple(jnp.zeros((num_pages, kv, d, page_size), dtype) for _ in layers),
+                   v=tuple(jnp.zeros((num_pages, kv, page_size, d), dtype) for _ in layers),
+                   mask=jnp.ones((slots, max_len), bool), index=jnp.zeros((slots,), jnp.int32),
+                   pages=jnp.full((slots, max_len // page_size), num_pages, jnp.int32))
+
     @property
     def max_len(self) -> int:
         return self.mask.shape[1]
@@ -48,20 +69,30 @@ class KVCache:
     def time_axes(self) -> "KVCache":
         """The same structure holding each array's position axis (-1: none), for code that
         resizes caches array by array (the benchmarks' static baseline grows them)."""
-        return KVCache(k=(3,) * len(self.k), v=(2,) * len(self.v), mask=1, index=-1)
+        return KVCache(k=(3,) * len(self.k), v=(2,) * len(self.v), mask=1, index=-1,
+                       pages=None if self.pages is None else -1)
 
 
-def write(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+def write(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int, pages: jax.Array | None = None
+          ) -> jax.Array:
     """`new` [b, ..., t, ...] written into `cache` along `axis` at `index`: one position for
     all rows ([] index, a dynamic slice) or each row at its own ([b] index, one scatter into
     the cache's first b rows: an engine step over the low slots of a larger cache, see
-    `rast.engine`). A write past the cache's end is dropped, never shifted onto earlier
-    positions."""
+    `rast.engine`; or, with a page table `pages` [b, n], into the pool's pages, see `KVCache`).
+    A write past the cache's end, or onto a position with no page, is dropped, never shifted
+    onto earlier positions."""
     new = new.astype(cache.dtype)
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=axis)
-    rows = jnp.arange(new.shape[0])[:, None]
     positions = index[:, None] + jnp.arange(new.shape[axis])  # [b, t]
+    if pages is None:
+        rows = jnp.arange(new.shape[0])[:, None]
+    else:
+        size = cache.shape[axis]
+        past = positions >= pages.shape[1] * size
+        rows = jnp.take_along_axis(pages, jnp.minimum(positions // size, pages.shape[1] - 1), axis=1)
+        rows = jnp.where(past, cache.shape[0], rows)  # dropped
+        positions = positions % size
     at = [slice(None)] * cache.ndim
     at[0], at[axis] = rows, positions
     # the two indexed axes come first in the scattered value: [b, t, ...]

@@ -122,12 +122,14 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
 
 
 def cache_sharding(mesh: Mesh, cache: Any) -> Any:
-    """Shardings for a `KVCache` pytree: k/v split over batch and kv heads."""
+    """Shardings for a `KVCache` pytree: k/v (rows, or a paged cache's pages) split over
+    batch and kv heads."""
     return KVCache(
         k=tuple(named(mesh, KV_CACHE_SPEC, a.shape, "kv cache") for a in cache.k),
         v=tuple(named(mesh, KV_CACHE_SPEC, a.shape, "kv cache") for a in cache.v),
         mask=named(mesh, CACHE_MASK_SPEC, cache.mask.shape, "cache mask"),
         index=NamedSharding(mesh, P()),
+        pages=None if cache.pages is None else named(mesh, CACHE_MASK_SPEC, cache.pages.shape, "page table"),
     )
 
 

@@ -101,10 +101,11 @@ class Attention(nnx.Module):
             self.k_norm = _norm(cfg, d, dtype, param_dtype)
 
     def __call__(self, x, positions, key_mask, query_index, k_cache=None, v_cache=None, index=None,
-                 attention: AttentionBackend | None = None, kv_len=None):
+                 attention: AttentionBackend | None = None, kv_len=None, pages=None):
         """x [b, t, h]; key_mask [b, s]; query_index [t] or [b, t] (cache position of each
         query, for causality); index [] or [b] (where the new keys go, see `kv_cache.write`).
-        The caches may hold more rows than x: row r of x is the cache's row r.
+        The caches may hold more rows than x: row r of x is the cache's row r; or they are
+        page pools and `pages` [b, n] the rows' page table (`kv_cache.KVCache`).
 
         Without a cache the keys are this call's own tokens (s = t); with one, the new keys
         are written at `index` and the queries attend over the cache through `attention`
@@ -129,15 +130,17 @@ class Attention(nnx.Module):
         # cache is stored the same way so decoding never transposes it.
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
         if k_cache is not None:
-            k_cache, v_cache = write(k_cache, k, index, axis=3), write(v_cache, v, index, axis=2)
+            k_cache, v_cache = write(k_cache, k, index, 3, pages), write(v_cache, v, index, 2, pages)
             k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
         # GQA: group query heads by their shared kv head instead of repeating k/v.
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
         query_index = jnp.broadcast_to(query_index, (b, t))
         if attention is not None and k_cache is not None:
             bounds = jnp.full((b,), v.shape[2], jnp.int32) if kv_len is None else kv_len
-            out = attention(q, k, v, query_index, key_mask, bounds, self.layer_attention)
+            out = attention(q, k, v, pages, query_index, key_mask, bounds, self.layer_attention)
         else:
+            if pages is not None:
+                raise ValueError("a paged cache is read through an attention backend (models.attention_backend).")
             allowed = visible(query_index, key_mask, self.layer_attention.window)
             out = dense_attention(q, k[:b], v[:b], allowed, self.layer_attention)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, -1)
@@ -183,9 +186,9 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, positions, key_mask, query_index, k_cache=None, v_cache=None, index=None,
-                 attention=None, kv_len=None):
-        attn, k_cache, v_cache = self.self_attn(
-            self.input_layernorm(x), positions, key_mask, query_index, k_cache, v_cache, index, attention, kv_len)
+                 attention=None, kv_len=None, pages=None):
+        attn, k_cache, v_cache = self.self_attn(self.input_layernorm(x), positions, key_mask, query_index, k_cache,
+                                                v_cache, index, attention, kv_len, pages)
         if self.sandwich_norms:
             x = x + self.post_attention_layernorm(attn)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -267,7 +270,8 @@ class CausalLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             kc = cache.k[i] if cache is not None else None
             vc = cache.v[i] if cache is not None else None
-            x, kc, vc = block_fn(layer, x, positions, key_mask[:b], query_index, kc, vc, index, attention, kv_len)
+            x, kc, vc = block_fn(layer, x, positions, key_mask[:b], query_index, kc, vc, index, attention, kv_len,
+                                 None if cache is None or cache.pages is None else cache.pages[:b])
             ks.append(kc)
             vs.append(vc)
         if last_only:
@@ -276,7 +280,7 @@ class CausalLM(nnx.Module):
             x = x[:, logits_from:]
         logits = self.logits(self.norm(x))
         if cache is not None:
-            cache = KVCache(k=tuple(ks), v=tuple(vs), mask=key_mask, index=index + t)
+            cache = KVCache(k=tuple(ks), v=tuple(vs), mask=key_mask, index=index + t, pages=cache.pages)
         return logits, cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -39,11 +39,17 @@ class Capacity:
     fit: int  # slots the KV memory holds
     slot_bytes: int  # KV bytes one slot holds across every model
     kv_bytes: int  # KV memory given to the caches
+    pages: int | None = None  # paged: pages of `page_size` positions in each model's pool (None: dense slots)
+    page_size: int | None = None
 
     def describe(self) -> str:
         gib = self.slot_bytes / 2**30
         why = {"explicit": "as asked", "memory": "all the KV memory holds", "work": "every row of the work",
                "ceiling": f"the platform's ceiling; memory holds {self.fit}"}[self.reason]
+        if self.pages is not None:
+            return (f"{self.slots} rows in flight at most ({why}), on {self.pages} KV pages of {self.page_size} "
+                    f"positions ({self.pages * self.page_size:,} positions; a full row holds "
+                    f"{gib * 1024:.1f} MiB)")
         return f"{self.slots} rows in flight ({why}; {gib * 1024:.1f} MiB of KV cache a row)"
 
 
@@ -91,13 +97,18 @@ def kv_memory_bytes(kv_memory: float | str | None, *, devices: int = 1, free: in
 
 
 def plan_slots(models: Sequence, max_len: int, *, slots: int | None = None, kv_memory: float | str | None = None,
-               devices: int = 1, multiple: int = 1, needed: int | None = None) -> Capacity:
+               devices: int = 1, multiple: int = 1, needed: int | None = None,
+               page_size: int | None = None) -> Capacity:
     """The engine's slot count: `slots` if given, else as many as the KV memory holds, at most
     the platform's ceiling and the `needed` rows of a known workload, a multiple of
-    `multiple` (a mesh's row split)."""
+    `multiple` (a mesh's row split). Paged (`page_size`): the KV memory sizes a pool of
+    pages (no more than the slots' full rows would hold) and the slots bound the rows in
+    flight: the platform's ceiling, or the work's rows."""
     per_slot = slot_bytes(models, max_len)
     budget = kv_memory_bytes(kv_memory, devices=devices)
     fit = max(budget // per_slot, 0)
+    if page_size is not None:
+        return _paged(models, max_len, page_size, slots, budget, fit, per_slot, multiple, needed)
     if slots is not None:
         return Capacity(slots, "explicit", fit, per_slot, budget)
     ceiling = CEILING.get(jax.local_devices()[0].platform, DEFAULT_CEILING)
@@ -110,3 +121,20 @@ def plan_slots(models: Sequence, max_len: int, *, slots: int | None = None, kv_m
                          f"({per_slot / 2**30:.2f} GiB a slot across the models): lower max_len, or give more "
                          "memory with kv_memory (GiB per device) or batch_size.")
     return Capacity(count, reason, fit, per_slot, budget)
+
+
+def _paged(models, max_len, page_size, slots, budget, fit, per_slot, multiple, needed) -> Capacity:
+    ceiling = CEILING.get(jax.local_devices()[0].platform, DEFAULT_CEILING)
+    reason = "explicit" if slots is not None else "ceiling"
+    if slots is None:
+        slots = ceiling if needed is None else min(ceiling, -(-needed // multiple) * multiple)
+        reason = "ceiling" if slots == ceiling else "work"
+        slots = max(slots // multiple * multiple, multiple)
+    row_pages = -(-cache_length(max_len) // page_size)
+    page_bytes = -(-per_slot // row_pages)
+    pages = min(budget // page_bytes, slots * row_pages) // multiple * multiple
+    if pages < row_pages:
+        raise ValueError(f"the KV memory ({budget / 2**30:.2f} GiB) holds {pages} pages of {page_size} positions, "
+                         f"fewer than one row of {max_len} positions needs ({row_pages}): lower max_len, or give "
+                         "more memory with kv_memory (GiB per device).")
+    return Capacity(slots, reason, fit, per_slot, budget, pages, page_size)

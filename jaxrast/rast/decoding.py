@@ -79,6 +79,13 @@ class RAST:
     `buckets`: a call runs at the smallest compiled slot count holding its live rows (True),
     or always at all of them (False: a row's bits then never depend on how many rows run
     beside it; across slot counts XLA may round a matrix product in the last bit).
+    `page_size`: KV positions per page (default: one page per slot, of its whole length):
+    paged, `kv_memory` sizes the pool of pages and `batch_size` (default: the platform's
+    ceiling, or the work's rows) only bounds the rows in flight; `pages`: the pool's pages
+    (per worker) instead. A row takes pages as it grows and returns them when it finishes;
+    a request waits while pages are short, and the youngest rows give theirs back (they
+    resume later, their tokens the same up to float ties); a prompt's n samples share its
+    pages and its prefill.
     """
 
     def __init__(self, base: CausalLM, pairs: Sequence[Pair | tuple] = (), *, tokenizer=None,
@@ -87,7 +94,8 @@ class RAST:
                  max_len: int | None = None, vocab_size: int | None = None,
                  workers: int | None = None, steps_per_call: int = 32, prefill_batch: int | None = None,
                  prefill_chunk: int | None = None, speculative: int = 0, speculative_mode: str = "on",
-                 attention: AttentionBackend | None = None, buckets: bool = True):
+                 attention: AttentionBackend | None = None, buckets: bool = True, page_size: int | None = None,
+                 pages: int | None = None):
         self.pairs = pairs = [p if isinstance(p, Pair) else Pair(*p) for p in pairs]
         self.tokenizer = tokenizer
         self.lams = np.array([p.lam for p in pairs], np.float32)
@@ -102,7 +110,8 @@ class RAST:
             warnings.warn(f"max_len={max_len} is beyond a model's max_position_embeddings ({limit}); expect "
                           "degraded text past that position.", stacklevel=2)
         self.capacity = plan_slots(models, max_len, slots=batch_size, kv_memory=kv_memory, needed=rows_needed,
-                                   devices=1 if mesh is None else mesh.devices.size, multiple=row_split(mesh))
+                                   devices=1 if mesh is None else mesh.devices.size, multiple=row_split(mesh),
+                                   page_size=page_size)
         log.info("RAST: %s", self.capacity.describe())
         self.batch_size = batch_size = self.capacity.slots
         self.workers = default_workers(batch_size, mesh) if workers is None else workers
@@ -118,7 +127,8 @@ class RAST:
         spec = EngineSpec(max_slots=program_batch, max_len=max_len, steps=steps_per_call,
                           prefill_batch=prefill_batch or min(32, program_batch),
                           prefill_chunk=prefill_chunk or default_prefill_chunk(),
-                          gamma=speculative, buckets=None if buckets else (program_batch,))
+                          gamma=speculative, buckets=None if buckets else (program_batch,), page_size=page_size,
+                          pages=pages or (None if self.capacity.pages is None else self.capacity.pages // self.workers))
         self.ensemble, self.scheduler = make_scheduler(
             base, pairs, tokenizer=tokenizer, mesh=mesh, lam_schedule=self.lam_schedule, vocab_size=vocab_size,
             spec=spec, workers=self.workers, speculative_mode=speculative_mode, attention=attention,
@@ -196,6 +206,9 @@ class RAST:
             slot_steps = sched.stats.slot_steps - steps0
             postfix = dict(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}",
                            slots=f"{(sched.stats.busy_slot_steps - busy0) / max(slot_steps, 1):.0%}")
+            if sched.paged:
+                postfix.update(pages=f"{sched.stats.pages_used}/{sched.stats.pages_total}",
+                               preempted=sched.stats.preemptions)
             if sched.stats.acceptance is not None:
                 postfix.update(accept=f"{sched.stats.acceptance:.0%}", per_round=f"{sched.stats.accepted_length:.2f}")
             bar.set_postfix(**postfix)

@@ -58,6 +58,22 @@ def _split(mesh: Mesh, spec: P) -> int:
     return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
+def to_pages(row: jax.Array, axis: int, size: int) -> jax.Array:
+    """One row's keys or values with its positions along `axis` cut into pages of `size`:
+    [pages, ...] with the page's `size` positions where the positions were."""
+    shape = row.shape
+    row = row.reshape(*shape[:axis], shape[axis] // size, size, *shape[axis + 1:])
+    return jnp.moveaxis(row, axis, 0)
+
+
+def _write_row(pool: jax.Array, pages: jax.Array, table: jax.Array, copies: jax.Array, last: jax.Array):
+    """A prefilled row's `pages` [n, ...] written to the pool's pages `table` [n], and its page
+    `last` also to `copies` [c] (entries past the pool are dropped)."""
+    pool = pool.at[table].set(pages, mode="drop")
+    page = jax.lax.dynamic_index_in_dim(pages, last, keepdims=True)
+    return pool.at[copies].set(jnp.broadcast_to(page, (copies.shape[0], *page.shape[1:])), mode="drop")
+
+
 class Engine:
     """Device programs over `spec.max_slots` slots of `models` (distinct, base first).
 
@@ -74,19 +90,24 @@ class Engine:
         self.rl_index, self.mesh = rl_index, mesh
         if spec.gamma and rl_index is None:
             raise ValueError("speculative decoding drafts with the first pair's rl model: load a pair.")
-        self.cache_len = cache_length(spec.max_len)
+        cache_len = cache_length(spec.max_len)
+        self.page_size = spec.page_size or cache_len
+        self.cache_len = -(-cache_len // self.page_size) * self.page_size  # whole pages
+        self.pages_per_slot = self.cache_len // self.page_size
         self.attention = attention or choose(
             platform=jax.local_devices()[0].platform, mesh=mesh, dtypes=[m.dtype for m in self.models],
             head_dims=[m.cfg.head_dim for m in self.models], cache_len=self.cache_len)
         self.num_pairs = len(combination.pairs)
+        pages = spec.pages or spec.max_slots * self.pages_per_slot
+        self.num_pages = -(-pages // spec.max_slots) * spec.max_slots if mesh is not None else pages  # splits evenly
         self._graphdefs = tuple(nnx.graphdef(m) for m in self.models)
         self._variables = tuple(nnx.state(m) for m in self.models)  # see refresh()
         self.refresh()
         shardings = self._shardings()
         # a step over the low b slots reads cache row r for query row r; where the slots are
         # split over devices, the devices' blocks of b rows and of max_slots rows differ
-        split = 1 if shardings is None else _split(self.mesh, shardings[0].caches[0].k[0].spec)
-        self.buckets = spec.buckets if split == 1 else (spec.max_slots,)
+        self.split = 1 if shardings is None else _split(self.mesh, shardings[0].caches[0].k[0].spec)
+        self.buckets = spec.buckets if self.split == 1 else (spec.max_slots,)
         # explicit output shardings on a mesh: the donated state comes back laid out as it
         # went in, so the next call reuses its buffers and its compiled program
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,), static_argnames=("score",),
@@ -124,7 +145,9 @@ class Engine:
 
     def _empty_state(self) -> DecodeState:
         spec, s = self.spec, self.spec.max_slots
-        caches = [KVCache.init(m.cfg, s, self.cache_len, m.dtype, per_row=True, mask=True) for m in self.models]
+        # the page table lives in the slots (one for every model); a cache holds it only in a call
+        caches = [KVCache.paged(m.cfg, s, self.cache_len, self.page_size, self.num_pages, m.dtype).replace(pages=None)
+                  for m in self.models]
         zeros = lambda *shape, dtype=jnp.int32: jnp.zeros((s, *shape), dtype)  # noqa: E731
         slots = Slots(token=zeros(), length=zeros(), generated=zeros(), budget=zeros(), min_tokens=zeros(),
                       active=zeros(dtype=bool), lam=zeros(max(self.num_pairs, 1), dtype=jnp.float32),
@@ -132,7 +155,8 @@ class Engine:
                       top_p=jnp.ones((s,), jnp.float32), top_k=zeros(),
                       stop_ids=jnp.full((s, spec.max_stop_ids), self.vocab, jnp.int32),
                       keys=zeros(2, dtype=jnp.uint32), forced=zeros(spec.max_forced), forced_len=zeros(),
-                      forced_pos=jnp.full((s,), -1, jnp.int32), gamma=zeros())
+                      forced_pos=jnp.full((s,), -1, jnp.int32), gamma=zeros(),
+                      pages=jnp.full((s, self.pages_per_slot), self.num_pages, jnp.int32))
         return DecodeState(tuple(caches), slots)
 
     def refresh(self) -> None:
@@ -151,15 +175,25 @@ class Engine:
     # ---- admit: prefill + insert ------------------------------------------------------------
 
     def admit(self, state: DecodeState, tokens: np.ndarray, prefix: np.ndarray, slot_ids: np.ndarray,
-              settings: dict[str, np.ndarray], rows: int, score: Record | None = None
+              settings: dict[str, np.ndarray], rows: int, score: Record | None = None,
+              shared: np.ndarray | None = None, copies: np.ndarray | None = None
               ) -> tuple[DecodeState, PromptScores | None]:
         """Prefill the first `rows` of `tokens` [B, max_len] (each row's prompt without its
         last token, right-padded; `prefix` [B] real tokens) in every model and insert row b
         into slot `slot_ids[b]` (`max_slots`: prefilled, not inserted: a prompt only scored).
         settings: Slots fields for the new rows, each [B, ...] (token = the prompt's last
-        token). `score`: also teacher-force the prompts, recording `score.top_logprobs`
-        alternatives (one more compiled program); None: no scores."""
-        return self._admit(self._states(), state, tokens, prefix, slot_ids, settings, np.int32(rows), score=score)
+        token; pages = the row's page table, `num_pages` where it has none). `score`: also
+        teacher-force the prompts, recording `score.top_logprobs`
+        alternatives (one more compiled program); None: no scores. Samples of one prompt
+        share its pages: a `shared` [B] row is not prefilled (its page table holds the full
+        pages of an earlier row of the call, with the same prompt), and that earlier row also
+        writes its last, partly filled page into its `copies` [B, prefill_batch - 1] pages
+        (each sharer's own copy, which it goes on writing; `num_pages`: none)."""
+        b = len(prefix)
+        shared = np.zeros(b, bool) if shared is None else shared
+        copies = np.full((b, self.spec.prefill_batch - 1), self.num_pages, np.int32) if copies is None else copies
+        return self._admit(self._states(), state, tokens, prefix, slot_ids, settings, np.int32(rows),
+                           np.asarray(shared, bool), np.asarray(copies, np.int32), score=score)
 
     def _prefill_row(self, models, tokens, prefix, score=None, scores=()):
         """The caches ([1, ...] per model) of one prompt, `prefill_chunk` tokens per forward,
@@ -194,12 +228,12 @@ class Engine:
         return prompt_scorer(tokens, prefix, settings, record, combination=self.combination, vocab=self.vocab,
                              num_pairs=self.num_pairs, rl_index=self.rl_index)
 
-    def _admit_impl(self, params, state: DecodeState, tokens, prefix, slot_ids, settings, rows, *,
+    def _admit_impl(self, params, state: DecodeState, tokens, prefix, slot_ids, settings, rows, shared, copies, *,
                     score: Record | None):
         models = self._models(params)
         batch, max_len = tokens.shape
         tokens = jnp.pad(tokens, ((0, 0), (0, max(0, self.cache_len + self.spec.prefill_chunk - tokens.shape[1]))))
-        n = self.cache_len
+        n, size = self.cache_len, self.page_size
         row_settings = {k: settings[k] for k in ("token", "lam", "rl_only")}
 
         def insert(i, carry):
@@ -207,12 +241,18 @@ class Engine:
             slot = slot_ids[i]  # a padding or scored-only row (slot id max_slots) is not inserted
             scorer = None if score is None else self._prompt_scorer(
                 tokens[i], prefix[i], jax.tree.map(lambda x: x[i], row_settings), score)
-            fresh, row_scores = self._prefill_row(models, tokens[i], prefix[i], scorer,
+            fresh, row_scores = self._prefill_row(models, tokens[i], jnp.where(shared[i], 0, prefix[i]), scorer,
                                                   () if score is None else empty_scores(self._prefill_width(), score))
+            # a row not inserted has no page, a sharer writes none: nothing is written
+            table = jnp.where(shared[i], self.num_pages, settings["pages"][i])
+            last = prefix[i] // size  # the page the prompt ends in: copied to the sharers' own pages
             out = []
             for cache, new in zip(caches, fresh):
-                k = tuple(big.at[slot, :, :, :n].set(x[0, :, :, :n], mode="drop") for big, x in zip(cache.k, new.k))
-                v = tuple(big.at[slot, :, :n, :].set(x[0, :, :n, :], mode="drop") for big, x in zip(cache.v, new.v))
+                # the row's positions cut into pages: k [kv, d, n] -> [pages, kv, d, size], v alike
+                k = tuple(_write_row(pool, to_pages(x[0, :, :, :n], 2, size), table, copies[i], last)
+                          for pool, x in zip(cache.k, new.k))
+                v = tuple(_write_row(pool, to_pages(x[0, :, :n, :], 1, size), table, copies[i], last)
+                          for pool, x in zip(cache.v, new.v))
                 out.append(cache.replace(k=k, v=v, mask=cache.mask.at[slot].set(new.mask[0, :n], mode="drop")))
             if score is not None:
                 scores = tuple(buf.at[i].set(x[:max_len]) for buf, x in zip(scores, row_scores))
@@ -227,9 +267,8 @@ class Engine:
         stream = settings.pop("stream")  # the keys are made here: no extra call per admission
         settings["keys"] = stream_keys(stream[:, 0], stream[:, 1], stream[:, 2])
         fields.update({name: put(fields[name], value) for name, value in settings.items()})
-        fields.update(length=put(fields["length"], prefix), generated=put(fields["generated"], np.zeros(batch)),
-                      active=put(fields["active"], np.ones(batch, bool)),
-                      forced_pos=put(fields["forced_pos"], np.full(batch, -1)))
+        # (generated and forced_pos come with the settings: a preempted row resumes where it was)
+        fields.update(length=put(fields["length"], prefix), active=put(fields["active"], np.ones(batch, bool)))
         if scores is not None:
             k = score.top_logprobs
             scores = PromptScores(scores[0], *(scores[1:] if k else (jnp.zeros((batch, max_len, 0), jnp.int32),
@@ -239,21 +278,24 @@ class Engine:
     # ---- decode ------------------------------------------------------------------------------
 
     def decode(self, state: DecodeState, release: np.ndarray, exit_after: int, speculative: bool = False,
-               max_steps: int | None = None, record: Record = Record(), rows: int | None = None
-               ) -> tuple[DecodeState, StepOutput]:
+               max_steps: int | None = None, record: Record = Record(), rows: int | None = None,
+               pages: np.ndarray | None = None) -> tuple[DecodeState, StepOutput]:
         """Up to `spec.steps` steps (or `max_steps`, fewer: the same program) for every
         active slot below `rows` (a bucket, `bucket()`; None: every slot; speculative: rounds
         of up to γ + 1 tokens). `release` [S]: slots the host has ended (a stop string, a
         cancelled request), deactivated first. The call returns after the step in which
         `exit_after` rows have finished (requests wait). `record`: what is kept per token
-        besides the token (one compiled program each, per bucket). The output has `rows` rows."""
+        besides the token (one compiled program each, per bucket). `pages` [S, pages per slot]:
+        the slots' page table from now on (None: as it is). The output has `rows` rows."""
         gamma = self.spec.gamma if speculative else 0
         limit = np.int32(self.spec.steps if max_steps is None else min(max_steps, self.spec.steps))
         rows = self.spec.max_slots if rows is None else rows
         if rows not in self.buckets:
             raise ValueError(f"decode rows={rows}: the engine is compiled for {self.buckets} slots.")
-        out = self._decode(self._states(), state, release, np.int32(exit_after), limit, gamma=gamma, record=record,
-                           rows=rows)
+        # always a host array: one compiled program whichever way the table comes
+        pages = np.asarray(state.slots.pages if pages is None else pages, np.int32)
+        out = self._decode(self._states(), state, release, np.int32(exit_after), limit, pages, gamma=gamma,
+                           record=record, rows=rows)
         self.compiled.add((rows, gamma, record))
         return out
 
@@ -279,8 +321,8 @@ class Engine:
     def _move_impl(self, state: DecodeState, src, dst):
         take = jnp.minimum(src, self.spec.max_slots - 1)  # padding reads any row, written nowhere
         put = lambda x: x.at[dst].set(x[take], mode="drop")  # noqa: E731
-        caches = tuple(c.replace(k=tuple(put(x) for x in c.k), v=tuple(put(x) for x in c.v), mask=put(c.mask))
-                       for c in state.caches)
+        # a row's keys stay in its pages: its page table moves with its other settings
+        caches = tuple(c.replace(mask=put(c.mask)) for c in state.caches)
         slots = jax.tree.map(put, state.slots)
         slots = slots.replace(active=slots.active.at[src].set(False, mode="drop"))
         return DecodeState(caches, slots)
@@ -315,18 +357,19 @@ class Engine:
                           entropies=jnp.zeros((s, width), jnp.float32), count=jnp.zeros((s,), jnp.int32),
                           finished=jnp.zeros((s,), bool), stopped=jnp.zeros((s,), bool),
                           steps=jnp.zeros((), jnp.int32), drafted=jnp.zeros((s,), jnp.int32),
-                          accepted=jnp.zeros((s,), jnp.int32), rounds=jnp.zeros((s,), jnp.int32))
+                          accepted=jnp.zeros((s,), jnp.int32), rounds=jnp.zeros((s,), jnp.int32),
+                          forced_pos=jnp.full((s,), -1, jnp.int32))
 
-    def _decode_impl(self, params, state: DecodeState, release, exit_after, steps, *, gamma: int, record: Record,
-                     rows: int):
+    def _decode_impl(self, params, state: DecodeState, release, exit_after, steps, pages, *, gamma: int,
+                     record: Record, rows: int):
         """The loop runs on the first `rows` slots (the rest are free) over the whole caches:
         the models write and read cache row r for slot r, so no cache row is copied."""
         models = self._models(params)
-        every = state.slots.replace(active=state.slots.active & ~release)
+        every = state.slots.replace(active=state.slots.active & ~release, pages=pages)
         slots = jax.tree.map(lambda x: x[:rows], every)
         out = self._empty_output(gamma, record, rows)
-        # a cache's write index is per query row: [rows] inside the loop
-        caches = tuple(c.replace(index=c.index[:rows]) for c in state.caches)
+        # a cache's write index and page table are per query row: [rows] inside the loop
+        caches = tuple(c.replace(index=c.index[:rows], pages=slots.pages) for c in state.caches)
         rows_ = jnp.arange(rows)[:, None]
 
         def cond(carry):
@@ -366,6 +409,6 @@ class Engine:
             return caches, slots, out
 
         caches, slots, out = jax.lax.while_loop(cond, body, (caches, slots, out))
-        caches = tuple(c.replace(index=old.index) for c, old in zip(caches, state.caches))
+        caches = tuple(c.replace(index=old.index, pages=None) for c, old in zip(caches, state.caches))
         every = jax.tree.map(lambda full, part: full.at[:rows].set(part), every, slots)
-        return DecodeState(caches, every), out
+        return DecodeState(caches, every), out.replace(forced_pos=slots.forced_pos)

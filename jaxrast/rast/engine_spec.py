@@ -31,11 +31,21 @@ class EngineSpec:
     # slot counts a decode call is compiled for (None: powers of two up to max_slots); a call
     # runs the smallest that holds its live rows, packed in the low slots
     buckets: tuple[int, ...] | None = None
+    # positions per KV page (None: one page per slot, of its whole length: the dense layout)
+    page_size: int | None = None
+    # pages in each model's KV pool (None: every slot's whole length, as many as max_slots
+    # dense rows hold); a row takes pages as it is admitted (`rast.pages.PagePool`)
+    pages: int | None = None
 
     def __post_init__(self):
         for name in ("max_slots", "max_len", "steps", "prefill_batch", "prefill_chunk", "max_stop_ids", "max_forced"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineSpec.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("page_size", "pages"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"EngineSpec.{name} must be >= 1 (or None), got {getattr(self, name)}.")
+        if self.page_size is not None and self.page_size % 8:
+            raise ValueError(f"EngineSpec.page_size {self.page_size}: a multiple of 8 (the attention kernels' tile).")
         if self.gamma < 0:
             raise ValueError(f"EngineSpec.gamma must be >= 0, got {self.gamma}.")
         if self.buckets is None:

@@ -66,6 +66,13 @@ class EngineLimits:
     max_stop_ids: int
     max_forced: int
     gamma: int = 0
+    pool_positions: int | None = None  # positions the KV page pool holds for one row (None: max_len)
+
+
+def positions_needed(prompt_ids: Sequence[int], p, gamma: int) -> int:
+    """KV positions a request's row may fill: its prompt, its budget and the γ positions a
+    speculative round writes past it."""
+    return len(prompt_ids) + p.max_tokens + gamma
 
 
 def _check_int(value: int, field: str, low: int, high: int) -> None:
@@ -128,12 +135,16 @@ def validate_request(prompt_ids: Sequence[int], p: RequestParams, limits: Engine
     if not prompt_ids:
         raise ParamError("an empty prompt cannot be decoded; give every prompt at least one token", "prompt")
     _check_int(p.max_tokens, "max_tokens", 0, INT32_MAX)
-    need = len(prompt_ids) + p.max_tokens + limits.gamma  # a round may write γ positions past the budget
+    need = positions_needed(prompt_ids, p, limits.gamma)
     if need > limits.max_len:
         raise ParamError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens})"
                          + (f" plus γ = {limits.gamma} draft positions" if limits.gamma else "")
                          + f" is {need} tokens, beyond max_len = {limits.max_len} positions per slot; shorten the "
                          "prompt, lower max_tokens, or build the engine with a larger max_len", "max_tokens")
+    if limits.pool_positions is not None and need > limits.pool_positions:
+        raise ParamError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) needs {need} KV "
+                         f"positions, more than the engine's page pool holds ({limits.pool_positions}); lower "
+                         "max_tokens, or give the engine more KV memory (pages / --kv-memory)", "max_tokens")
     _check_ids(prompt_ids, "prompt", limits.vocab)
     _check_sampling(p)
     _check_lam(p.lam, limits.pairs)
@@ -174,10 +185,18 @@ class Request:
     detok: Any = None  # its `TextStream` (jaxrast.rast.detokenize) once it has tokens, with stop strings or a stream
     submitted: float = 0.0  # time.perf_counter() when queued (latency metrics)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    forced_pos: int = -1  # where a preempted row was in its continue text (-1: not forcing)
+    preemptions: int = 0  # times its row gave its KV pages back to run again later
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def context_ids(self) -> list[int]:
+        """The prompt and the tokens generated so far: what a (re-)admitted row prefills (all
+        but the last, its pending token)."""
+        return self.prompt_ids + self.token_ids
 
 
 def default_stop_ids(tokenizer, stop_token_ids: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -205,7 +224,9 @@ def settings_arrays(requests: Sequence[Request], *, pairs: int, default_lam: np.
         stop_ids[r, :len(p.stop_ids)] = p.stop_ids
         forced[r, :len(p.continue_ids)] = p.continue_ids
     get = lambda name, dtype: np.array([getattr(q.params, name) for q in requests], dtype)  # noqa: E731
-    return {"token": np.array([q.prompt_ids[-1] for q in requests], np.int32),
+    return {"token": np.array([q.context_ids[-1] for q in requests], np.int32),
+            "generated": np.array([len(q.token_ids) for q in requests], np.int32),
+            "forced_pos": np.array([q.forced_pos for q in requests], np.int32),
             "budget": get("max_tokens", np.int32), "min_tokens": get("min_tokens", np.int32), "lam": lam,
             "rl_only": np.array([q.params.mode == "rl" for q in requests]),
             "temperature": get("temperature", np.float32), "top_p": get("top_p", np.float32),

@@ -23,7 +23,8 @@ import numpy as np
 
 from jaxrast.rast.engine import Engine
 from jaxrast.rast.requests import EngineLimits, Request, cancel, validate_request
-from jaxrast.rast.slot_group import SlotGroup, Stats
+from jaxrast.rast.slot_group import SlotGroup
+from jaxrast.rast.stats import Stats
 from jaxrast.rast.token_rules import Record
 from jaxrast.runtime.distributed import broadcast_json
 from jaxrast.runtime.mesh import BATCH
@@ -105,14 +106,21 @@ class Scheduler:
         return self.groups[0].engine.attention.name
 
     @property
+    def paged(self) -> bool:
+        """Whether the engines page their KV caches (more than one page per slot)."""
+        return self.groups[0].engine.pages_per_slot > 1
+
+    @property
     def slots(self) -> int:
         return sum(g.spec.max_slots for g in self.groups)
 
     @property
     def limits(self) -> EngineLimits:
         spec, engine = self.groups[0].spec, self.groups[0].engine
+        pool = min(g.pool.num_pages // g.pool.groups for g in self.groups) * engine.page_size
         return EngineLimits(vocab=engine.vocab, pairs=engine.num_pairs, max_len=spec.max_len,
-                            max_stop_ids=spec.max_stop_ids, max_forced=spec.max_forced, gamma=spec.gamma)
+                            max_stop_ids=spec.max_stop_ids, max_forced=spec.max_forced, gamma=spec.gamma,
+                            pool_positions=pool)
 
     def check(self, req: Request) -> None:
         """Refuses (`ParamError`, a ValueError) a request that cannot fit a slot or the engine,
@@ -125,23 +133,28 @@ class Scheduler:
             self.queue.append(req)
             self.lock.notify_all()
 
-    def _take(self, count: int) -> list[Request]:
+    def _take(self, group: SlotGroup) -> list[Request]:
+        """The requests at the queue's head that the group has slots and KV pages for, in
+        order: a request the pages cannot hold yet waits (with those behind it) until rows
+        finish and return theirs."""
         with self.lock:
-            taken = []
-            while self.queue and len(taken) < count:
-                req = self.queue.popleft()
-                if req.cancelled:  # cancelled while waiting: it never takes a slot
-                    cancel(req)
-                    continue
-                taken.append(req)
-            return taken
+            free = len(group.free)
+            for req in [r for r in self.queue if r.cancelled]:  # cancelled while waiting: it never takes a slot
+                self.queue.remove(req)
+                cancel(req)
+            head = [self.queue[i] for i in range(min(free, len(self.queue)))]
+            return [self.queue.popleft() for _ in range(group.room(head) if head else 0)]
 
     def _cycle(self, group: SlotGroup, record: Record) -> list[Request]:
         """Admit into the group's free slots, then one decode call (if anything is active).
         When serving on several processes, process 0 sends each cycle's plan to the others
         first (`follow`), so they issue the same programs with the same inputs. If the call
         fails, its requests (those admitted by it included) end with finish reason "error"."""
-        requests = self._take(len(group.free)) if group.free else []
+        preempted = group.prepare()
+        if preempted:  # first in the queue again, in their order
+            with self.lock:
+                self.queue.extendleft(reversed(preempted))
+        requests = self._take(group)
         try:
             plan = group.plan(requests, waiting=len(self.queue), first_token_call=self.serving, record=record)
             if plan is None:
@@ -266,8 +279,7 @@ class Scheduler:
                 self.failed_in_a_row += 1
                 for req in list(group.slots.values()):
                     group.finish(req, "error", "")
-                group.slots.clear()
-                group.state = group.engine.init_state()
+                group.reset()
 
     def stop(self, grace_s: float = 0.0) -> None:
         """Stops serving: requests still running get up to `grace_s` seconds to finish, then

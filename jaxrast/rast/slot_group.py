@@ -3,16 +3,19 @@ stop strings, streamed text and finished requests (`jaxrast.rast.scheduler` driv
 
 from __future__ import annotations
 
+import copy
 import logging
-import threading
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxrast.rast.admission import place
 from jaxrast.rast.detokenize import TextStream
 from jaxrast.rast.engine import Engine
-from jaxrast.rast.requests import Request, Update, settings_arrays
+from jaxrast.rast.pages import PagePool
+from jaxrast.rast.requests import Request, Update, positions_needed, settings_arrays
+from jaxrast.rast.stats import Stats
 from jaxrast.rast.token_rules import Record
 from jaxrast.runtime.distributed import host_array
 
@@ -22,48 +25,6 @@ log = logging.getLogger("jaxrast.rast.slot_group")
 def _alternatives(top_ids: np.ndarray, top_logprobs: np.ndarray) -> list[list[tuple[int, float]]]:
     """Per position [n, k] arrays -> per position [(token id, log-prob), ...]."""
     return [list(zip(ids.tolist(), vals.tolist())) for ids, vals in zip(top_ids, top_logprobs)]
-
-
-class Stats:
-    """Counters for progress bars and /metrics: tokens, finished rows, slot occupancy, and
-    the speculative rounds' drafted / accepted tokens."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.tokens = self.finished = self.calls = 0
-        self.slot_steps = self.busy_slot_steps = 0
-        self.drafted = self.accepted = self.rounds = self.round_tokens = 0
-        self.peak_rows = 0  # the most rows in flight at once, over every group
-        self.moves = 0  # rows moved into lower slots (packing)
-        self.start = time.perf_counter()
-
-    def record(self, out, *, finished: int, slots: int, speculative: bool) -> None:
-        with self.lock:
-            tokens = int(out.count.sum())
-            self.tokens += tokens
-            self.finished += finished
-            self.calls += 1
-            self.slot_steps += int(out.steps) * slots
-            self.busy_slot_steps += int(out.rounds.sum()) if speculative else tokens
-            if speculative:
-                self.drafted += int(out.drafted.sum())
-                self.accepted += int(out.accepted.sum())
-                self.rounds += int(out.rounds.sum())
-                self.round_tokens += tokens
-
-    @property
-    def occupancy(self) -> float:
-        return self.busy_slot_steps / self.slot_steps if self.slot_steps else 0.0
-
-    @property
-    def acceptance(self) -> float | None:
-        """Share of drafted tokens the target accepted (None: no speculative round yet)."""
-        return self.accepted / self.drafted if self.drafted else None
-
-    @property
-    def accepted_length(self) -> float | None:
-        """Tokens a slot gained per speculative round (1 to γ + 1)."""
-        return self.round_tokens / self.rounds if self.rounds else None
 
 
 class Speculation:
@@ -113,10 +74,17 @@ class SlotGroup:
         if self.speculation.mode == "adaptive":  # both programs (usual `record`) compiled now, not in a timed call
             self._compile((self.spec.max_slots,), record)
         self.slots: dict[int, Request] = {}
+        self.pool = PagePool(num_pages=engine.num_pages, page_size=engine.page_size, per_slot=engine.pages_per_slot,
+                             slots=self.spec.max_slots, groups=engine.split)
+        with stats.lock:
+            stats.pages_total += engine.num_pages
         self.release = np.zeros(self.spec.max_slots, bool)
         self.record = Record()  # what the last decode call recorded
         self.admitted: list[list[Request]] = []  # the last plan's admit calls' requests
         self.waited = 0  # calls in a row that ran above their rows' bucket (not compiled yet)
+        self._pages_counted = 0  # this group's pages in Stats.pages_used
+        self.order: dict[int, int] = {}  # slot -> when its row was admitted (the youngest is preempted first)
+        self._admissions = 0
 
     def warm_up(self, record: Record) -> None:
         """Compiles the decode call at every bucket (of each kind of call this group makes,
@@ -135,11 +103,64 @@ class SlotGroup:
         kinds = {"off": [False], "on": [True], "adaptive": [False, True]}[self.speculation.mode]
         for rows in buckets:
             for kind in kinds:
-                self.state, _ = self.engine.decode(self.state, idle, 1, speculative=kind, record=record, rows=rows)
+                self.state, _ = self.engine.decode(self.state, idle, 1, speculative=kind, record=record, rows=rows,
+                                                   pages=self.pool.table)
+
+    def _count_pages(self) -> None:
+        with self.stats.lock:
+            self.stats.pages_used += self.pool.used - self._pages_counted
+            self.stats.peak_pages = max(self.stats.peak_pages, self.stats.pages_used)
+        self._pages_counted = self.pool.used
+
+    def reset(self) -> None:
+        """After a failed call: every slot free, with its pages, and a new device state."""
+        for slot in list(self.slots):
+            self.pool.release(slot)
+        self.slots.clear()
+        self._count_pages()
+        self.state = self.engine.init_state()
 
     @property
     def free(self) -> list[int]:
         return [s for s in range(self.spec.max_slots) if s not in self.slots]
+
+    def _positions(self, req: Request) -> int:
+        """KV positions a row needs through its next decode call (a call writes at most
+        steps × (γ + 1) of them), at most its whole prompt, budget and γ."""
+        length = len(req.context_ids) - 1  # in the caches (the pending token is not)
+        return min(positions_needed(req.prompt_ids, req.params, self.spec.gamma),
+                   length + self.spec.steps * (self.spec.gamma + 1))
+
+    def prepare(self) -> list[Request]:
+        """Pages for every running row's next call, the oldest rows first. Where the pool
+        is short, the youngest rows give theirs back (preempted, returned: they queue again
+        and resume from their tokens so far, prefilling them anew)."""
+        preempted = []
+        for slot in sorted(self.slots, key=self.order.get):
+            while slot in self.slots and not self.pool.grow(slot, self._positions(self.slots[slot])):
+                preempted.append(self._preempt(max(self.slots, key=self.order.get)))
+        if preempted:
+            log.info("%d row(s) preempted: the KV pool (%d pages) is short", len(preempted), self.pool.num_pages)
+        return preempted
+
+    def _preempt(self, slot: int) -> Request:
+        req = self.slots.pop(slot)
+        self.pool.release(slot)
+        self.release[slot] = True
+        req.preemptions += 1
+        with self.stats.lock:
+            self.stats.preemptions += 1
+        return req
+
+    def room(self, requests: Sequence[Request]) -> int:
+        """How many of `requests`, admitted in order as `plan` would, free slots and KV pages
+        hold: a row takes pages for its prompt and its first decode call, and more before
+        each later call (`prepare`)."""
+        return len(self._place(requests, copy.deepcopy(self.pool)))
+
+    def _place(self, requests: Sequence[Request], pool: PagePool):
+        return place(requests, self.free, pool, chunk=self.spec.prefill_batch, positions=self._positions,
+                     may_share=lambda req: not req.token_ids and not self._scores(req))
 
     def plan(self, requests: Sequence[Request], waiting: int, first_token_call: bool = False,
              record: Record = Record()) -> dict | None:
@@ -152,7 +173,9 @@ class SlotGroup:
         a call and an admit per row, while a slot idles only until the call returns.
         `first_token_call` (serving): a cycle that admits runs one step, so the new requests'
         first tokens reach their streams without waiting out a whole call."""
-        free = self.free
+        placed = self._place(requests, self.pool)
+        if len(placed) < len(requests):  # `room` said they would
+            raise RuntimeError("the scheduler admitted requests beyond the free slots or KV pages.")
         size, admits = self.spec.prefill_batch, []
         self.admitted = []
         for start in range(0, len(requests), size):
@@ -160,18 +183,33 @@ class SlotGroup:
             slot_ids = np.full(size, self.spec.max_slots, np.int32)
             tokens = np.zeros((size, self.spec.max_len), np.int32)
             prefix = np.zeros(size, np.int32)
+            shared = np.zeros(size, bool)
+            copies = np.full((size, size - 1), self.pool.num_pages, np.int32)
             for r, req in enumerate(chunk):
-                if req.params.max_tokens:
-                    slot = free.pop(0)
+                slot, lead = placed[start + r].slot, placed[start + r].lead
+                if slot is not None:
                     slot_ids[r], self.slots[slot], self.release[slot] = slot, req, False
-                ids = req.prompt_ids[:-1]
+                    self.order[slot], self._admissions = self._admissions, self._admissions + 1
+                ids = req.context_ids[:-1]
                 tokens[r, :len(ids)], prefix[r] = ids, len(ids)
+                if lead is not None:  # its own copy of the prompt's last page, written by the lead
+                    shared[r] = True
+                    own = self.pool.table[slot, len(ids) // self.pool.page_size]
+                    copies[lead - start, np.argmax(copies[lead - start] == self.pool.num_pages)] = own
             padded = chunk + [chunk[-1]] * (size - len(chunk))  # padding rows are dropped by slot id
             settings = settings_arrays(padded, pairs=self.engine.num_pairs, default_lam=self.default_lam,
                                        max_stop_ids=self.spec.max_stop_ids, max_forced=self.spec.max_forced,
                                        vocab=self.engine.vocab, gamma=self.spec.gamma)
+            # a row not inserted (padding, scored only) has no page: its prefill is written nowhere
+            settings["pages"] = np.where((slot_ids < self.spec.max_slots)[:, None],
+                                         self.pool.table[np.minimum(slot_ids, self.spec.max_slots - 1)],
+                                         self.pool.num_pages).astype(np.int32)
             admits.append({"tokens": tokens, "prefix": prefix, "slot_ids": slot_ids, "settings": settings,
-                           "rows": len(chunk), "score": any(req.params.prompt_logprobs for req in chunk)})
+                           "rows": len(chunk), "score": any(self._scores(req) for req in chunk),
+                           "shared": shared, "copies": copies})
+            with self.stats.lock:
+                self.stats.prefilled += int(np.sum(slot_ids[:len(chunk)] < self.spec.max_slots) - shared.sum())
+                self.stats.shared += int(shared.sum())
             self.admitted.append(chunk)
         for slot, req in list(self.slots.items()):  # cancelled while waiting for this call
             if req.cancelled:
@@ -188,7 +226,9 @@ class SlotGroup:
             self.waited = self.waited + 1 if rows > self.engine.bucket(live) else 0
         plan = {"admits": admits, "release": self.release.copy(), "exit_after": exit_after, "decode": bool(self.slots),
                 "speculative": speculative, "max_steps": 1 if admits and first_token_call else None,
-                "record": [record.logprobs, record.entropies, record.top_logprobs], "moves": moves, "rows": rows}
+                "record": [record.logprobs, record.entropies, record.top_logprobs], "moves": moves, "rows": rows,
+                "pages": self.pool.table.copy()}
+        self._count_pages()
         self.release[:] = False
         return plan
 
@@ -208,6 +248,8 @@ class SlotGroup:
         for i, (old, new) in enumerate(zip(high, holes)):
             src[i], dst[i] = old, new
             self.slots[new] = self.slots.pop(old)
+            self.pool.move(old, new)
+            self.order[new] = self.order.pop(old)
             self.release[new], self.release[old] = self.release[old], False
         with self.stats.lock:
             self.stats.moves += len(high)
@@ -224,7 +266,8 @@ class SlotGroup:
             self.state, s = self.engine.admit(self.state, np.asarray(call["tokens"], np.int32),
                                               np.asarray(call["prefix"], np.int32),
                                               np.asarray(call["slot_ids"], np.int32), call["settings"],
-                                              rows=call["rows"], score=score if call["score"] else None)
+                                              rows=call["rows"], score=score if call["score"] else None,
+                                              shared=call.get("shared"), copies=call.get("copies"))
             scores.append(None if s is None else host_array(s))
         if not plan["decode"]:
             return None, scores
@@ -232,12 +275,17 @@ class SlotGroup:
         self.record = Record(*plan["record"])
         self.state, out = self.engine.decode(self.state, np.asarray(plan["release"], bool), plan["exit_after"],
                                              speculative=bool(plan.get("speculative")), max_steps=plan.get("max_steps"),
-                                             record=self.record, rows=plan.get("rows"))
+                                             record=self.record, rows=plan.get("rows"), pages=plan.get("pages"))
         out = host_array(out)
         if plan.get("max_steps") is None:  # a one-step call's tokens/s says little of its kind
             self.speculation.record(bool(plan.get("speculative")), int(out.count.sum()), time.perf_counter() - t0)
         self.last_speculative = bool(plan.get("speculative"))
         return out, scores
+
+    @staticmethod
+    def _scores(req: Request) -> bool:
+        """Whether admitting `req` scores its prompt (asked, and not done before a preemption)."""
+        return bool(req.params.prompt_logprobs) and req.prompt_logprobs is None
 
     def scored(self, scores: list) -> list[Request]:
         """The admitted requests' prompt log-probs (those that asked); returns the requests
@@ -245,7 +293,7 @@ class SlotGroup:
         finished = []
         for chunk, s in zip(self.admitted, scores):
             for r, req in enumerate(chunk):
-                if s is not None and req.params.prompt_logprobs:
+                if s is not None and self._scores(req):
                     n = len(req.prompt_ids) - 1  # the first token has no context to score it
                     req.prompt_logprobs = [None] + s.logprobs[r, :n].tolist()
                     req.prompt_top_logprobs = [[]] + _alternatives(s.top_ids[r, :n], s.top_logprobs[r, :n])
@@ -273,6 +321,7 @@ class SlotGroup:
                 finished.append(self._end(slot, req, out, "error", ""))
                 continue
             req.token_ids += new
+            req.forced_pos = int(out.forced_pos[slot])
             if self.record.logprobs:
                 req.logprobs += out.logprobs[slot, :n].tolist()
             if self.record.entropies:
@@ -299,11 +348,13 @@ class SlotGroup:
             elif new:
                 self._stream(req)
         self.stats.record(out, finished=len(finished), slots=len(out.count), speculative=self.last_speculative)
+        self._count_pages()
         return finished
 
     def _end(self, slot: int, req: Request, out, reason: str, text: str | None) -> Request:
         """Frees the slot (released on the device at the next call if still active there)."""
         del self.slots[slot]
+        self.pool.release(slot)  # its device row writes no more: the next call's page table has none for it
         self.release[slot] = not out.finished[slot]
         return self.finish(req, reason, text)
 

@@ -36,6 +36,7 @@ class Slots:
     forced_len: jax.Array  # [S] int32 (0: no continue text)
     forced_pos: jax.Array  # [S] int32 next continue token to emit (-1: not forcing)
     gamma: jax.Array  # [S] int32 the most drafts a speculative round may accept for the slot
+    pages: jax.Array  # [S, pages per slot] int32 the slot's KV pages (`rast.pages`; num_pages: none)
 
 
 @flax.struct.dataclass
@@ -60,3 +61,4 @@ class StepOutput:
     drafted: jax.Array  # [S] int32 tokens the draft proposed (speculative rounds)
     accepted: jax.Array  # [S] int32 ... and the target accepted
     rounds: jax.Array  # [S] int32 speculative rounds the slot took part in
+    forced_pos: jax.Array  # [S] int32 the slot's place in its continue text after the call (-1: none)

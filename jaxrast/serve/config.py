@@ -17,6 +17,7 @@ class ServeConfig:
     port: Annotated[int, Field(ge=0, le=65535)] = 8000  # 0: any free port (printed at start)
     max_slots: Positive | None = None  # rows decoded at once (None: as many as kv_memory holds, within a ceiling)
     kv_memory: float | str | None = None  # KV cache GiB per device, or a share of free memory ('50%')
+    page_size: Positive | None = None  # KV positions per page (None: dense slots of the whole length)
     max_len: Positive | None = None  # positions per slot; default: the models' max_position_embeddings (≤ 4096)
     max_waiting: Positive = 256
     served_model_name: str = "jaxrast"

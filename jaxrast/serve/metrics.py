@@ -1,5 +1,5 @@
 """/metrics in the Prometheus text format (prometheus_client, one registry per server):
-waiting and running requests, slot occupancy, generated tokens, time to first token and
+waiting and running requests, slot occupancy, KV pages and preemptions, generated tokens, time to first token and
 per-token latency histograms, finished requests by reason, server errors."""
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ class Metrics:
             lambda: sched.running / max(sched.slots, 1))
         Gauge("jaxrast_slot_occupancy_mean", "Share of slot-steps that produced a token since start",
               registry=r).set_function(lambda: sched.stats.occupancy)
+        Gauge("jaxrast_kv_pages", "KV pages in the engines' pools (each page: page_size positions of every model)",
+              registry=r).set_function(lambda: sched.stats.pages_total)
+        Gauge("jaxrast_kv_pages_used", "KV pages held by running rows (now)", registry=r).set_function(
+            lambda: sched.stats.pages_used)
+        Gauge("jaxrast_kv_pages_peak", "The most KV pages held at once since start", registry=r).set_function(
+            lambda: sched.stats.peak_pages)
+        Gauge("jaxrast_preemptions", "Rows that gave their KV pages back to run again later, since start",
+              registry=r).set_function(lambda: sched.stats.preemptions)
+        Gauge("jaxrast_prompt_prefills_shared", "Rows admitted on another sample's prompt pages (no prefill of their "
+              "own), since start", registry=r).set_function(lambda: sched.stats.shared)
         Gauge("jaxrast_decode_calls", "Engine decode calls since start", registry=r).set_function(
             lambda: sched.stats.calls)
         Gauge("jaxrast_speculative_acceptance", "Share of drafted tokens accepted (speculative rounds)",

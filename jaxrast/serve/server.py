@@ -45,11 +45,11 @@ def build_service(cfg: ServeConfig):
     # γ positions beyond the context: a speculative round writes them past a row's budget, so
     # the speculative server takes every request the plain one does
     capacity = plan_slots([base, *(m for p in pairs for m in (p.rl, p.ref))], max_len + cfg.speculative,
-                          slots=cfg.max_slots, kv_memory=cfg.kv_memory,
+                          slots=cfg.max_slots, kv_memory=cfg.kv_memory, page_size=cfg.page_size,
                           devices=1 if mesh is None else mesh.devices.size, multiple=row_split(mesh))
     spec = EngineSpec(max_slots=capacity.slots, max_len=max_len + cfg.speculative, steps=cfg.steps_per_call,
                       prefill_batch=min(8, capacity.slots), prefill_chunk=default_prefill_chunk(),
-                      gamma=cfg.speculative)
+                      gamma=cfg.speculative, page_size=cfg.page_size, pages=capacity.pages)
     service = Service(base, pairs, spec=spec, tokenizer=load.tokenizer, mesh=mesh,
                       speculative_mode=cfg.speculative_mode, max_waiting=cfg.max_waiting,
                       model_name=cfg.served_model_name, chat_template=template, top_logprobs=cfg.top_logprobs,

@@ -118,7 +118,8 @@ def test_prompts_past_the_position_limit_warn():
 def test_sampling_frequencies_match_top_p_softmax(trio):
     base, rl, ref, tok = trio
     lam, tau, top_p, draws = 0.7, 0.8, 0.9, 2000
-    eng = RAST(base, [Pair(rl, ref, lam)], tokenizer=tok, batch_size=500, max_len=128)
+    # pages of 8: each admit call prefills the prompt once for its 32 samples; one program for 500 rows
+    eng = RAST(base, [Pair(rl, ref, lam)], tokenizer=tok, batch_size=500, max_len=128, page_size=8, buckets=False)
     prompt = "hello world 12+3="
     res = eng.generate([prompt], SamplingParams(temperature=tau, top_p=top_p, max_new_tokens=1, n=draws, seed=3,
                                                 stop_token_ids=()))

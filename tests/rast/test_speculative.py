@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import jax.scipy.stats
 import numpy as np
 import pytest
+from hf_fixtures import SMALL
 from reference_decoder import assert_same_up_to_ties, combine, law, next_logits
-from test_engine import PROMPTS, SMALL
+from test_engine import PROMPTS
 
 from jaxrast.models.hf import load_model
 from jaxrast.rast.combine import combine_logits
@@ -73,7 +74,9 @@ def test_sampled_speculative_follows_the_target_law(models, temperature, top_p):
     enough expected mass."""
     base, (rl, ref, _, _), tok = models
     lam, draws, prompt = 0.9, 4000, "hello world 12+3="
-    eng = RAST(base, [Pair(rl, ref, lam)], tokenizer=tok, batch_size=500, speculative=3, max_len=64)
+    # pages of 8: each admit call prefills the prompt once for its 32 samples; one program for 500 rows
+    eng = RAST(base, [Pair(rl, ref, lam)], tokenizer=tok, batch_size=500, speculative=3, max_len=64, page_size=8,
+               buckets=False)
     res = eng.generate([prompt], SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=2, n=draws,
                                                 seed=11, stop_token_ids=()), progress=False)
     pairs = [tuple(c.token_ids) for c in res[0]]

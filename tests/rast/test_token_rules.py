@@ -21,7 +21,8 @@ def slots(**fields) -> Slots:
                 top_p=jnp.ones(s), top_k=jnp.zeros(s, jnp.int32),
                 stop_ids=jnp.asarray([[STOP, VOCAB]] * s, jnp.int32), keys=jnp.zeros((s, 2), jnp.uint32),
                 forced=jnp.asarray([[0, 0], [0, 0], [4, 5]], jnp.int32), forced_len=jnp.asarray([0, 0, 2], jnp.int32),
-                forced_pos=jnp.full(s, -1, jnp.int32), gamma=jnp.zeros(s, jnp.int32))
+                forced_pos=jnp.full(s, -1, jnp.int32), gamma=jnp.zeros(s, jnp.int32),
+                pages=jnp.zeros((s, 1), jnp.int32))
     base.update({k: jnp.asarray(v) for k, v in fields.items()})
     return Slots(**base)
 

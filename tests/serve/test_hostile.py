@@ -249,7 +249,8 @@ def test_health_is_degraded_after_failed_calls_in_a_row_and_recovers(server, mon
     assert err.value.code == 503 and json.loads(err.value.read())["status"] == "degraded"
     monkeypatch.setattr(group, "execute", execute)
     code, answer = send(url, "/v1/completions", completion(max_tokens=5), AUTH)
-    assert code == 200 and answer["choices"][0]["finish_reason"] == "length"
+    # served whole (an unseeded draw may end on the stop id within 5 tokens)
+    assert code == 200 and answer["choices"][0]["finish_reason"] in ("length", "stop")
     assert get_json(url + "/health")["status"] == "ok"
 
 

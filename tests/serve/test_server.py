@@ -25,8 +25,10 @@ PROBLEMS = [r["question"] for r in ChainTask().rows(8, seed=4242)]
 
 @pytest.fixture(scope="module")
 def server():
+    # paged KV: a pool of 16-position pages holding the 8 slots' rows, a request's n samples
+    # sharing its prompt's pages
     cfg = ServeConfig(base=f"{FAMILY}/m_base", pairs=((f"{FAMILY}/s_rl", f"{FAMILY}/s_base", 1.0),), max_slots=8,
-                      max_len=128, steps_per_call=8, max_waiting=512)
+                      max_len=128, steps_per_call=8, max_waiting=512, page_size=16)
     service, app = build_service(cfg)
     with running(app) as url:
         yield url, service
@@ -200,6 +202,9 @@ def test_64_concurrent_clients_each_get_their_own_answer_once(server):
     metrics = urllib.request.urlopen(url + "/metrics").read().decode()
     assert "jaxrast_time_to_first_token_seconds_count" in metrics and "jaxrast_slot_occupancy" in metrics
     assert f'jaxrast_attention_info{{backend="{server[1].scheduler.attention}"}} 1.0' in metrics
+    gauge = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("jaxrast_")}
+    assert gauge["jaxrast_kv_pages"] == 8 * 8 and gauge["jaxrast_kv_pages_used"] == 0  # 8 rows of 128 positions
+    assert 0 < gauge["jaxrast_kv_pages_peak"] <= 64 and gauge["jaxrast_prompt_prefills_shared"] > 0
 
 
 @pytest.mark.parametrize("body, status, param", [

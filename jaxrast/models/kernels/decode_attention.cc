@@ -7,15 +7,18 @@
 // jaxrast/models/cpu_attention.py; every query's arithmetic depends on its own keys only, in
 // a fixed order, so a row's result never depends on its neighbours or its slot.
 //
-// Shapes: q [b, kv, g, t, d], k [b, kv, d, s] (keys transposed), v [b, kv, s, d],
-// qpos [b, t] int32, kmask [b, s] bool; out [b, kv, g, t, d]. Query (b, t) sees key j when
+// Shapes: q [b, kv, g, t, d], k [P, kv, d, page] (keys transposed), v [P, kv, page, d] (a
+// pool of P pages), pages [b, n] int32 (row b's position j lives in page pages[b, j / page];
+// a cache in rows passes one page per row, of its whole length), qpos [b, t] int32,
+// kmask [b, s] bool with s = n * page; out [b, kv, g, t, d]. Query (b, t) sees key j when
 // j <= qpos[b, t] and kmask[b, j] and, with a sliding window (attribute window > 0),
 // j > qpos[b, t] - window: no value behind the window is read (keys only in the tile of 8
 // that the window starts in, masked). Scores are q.k /
-// divisor, soft-capped to softcap * tanh(score / softcap) when softcap > 0. s and d must be
-// multiples of 8; float32 only.
+// divisor, soft-capped to softcap * tanh(score / softcap) when softcap > 0. page and d must
+// be multiples of 8; float32 only. A page id outside the pool reads page 0 (never a visible key).
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 #include "xla/ffi/api/ffi.h"
@@ -67,28 +70,29 @@ static inline float hmax(v8 x) {
   return m;
 }
 
-// Scores of G query heads against keys j .. j+7 of one kv head: the keys are read once and
-// the G accumulators stay in registers (G is a compile-time constant).
+// Scores of G query heads against 8 keys of one kv head (Kj: the first key's column, `stride`
+// floats between a key's dims), stored at sc[g * S]: the keys are read once and the G
+// accumulators stay in registers (G is a compile-time constant).
 template <int G>
-static void scores8(const float* Kb, int64_t S, int64_t D, const float* qs, int64_t j, float* sc) {
+static void scores8(const float* Kj, int64_t stride, int64_t S, int64_t D, const float* qs, float* sc) {
   v8 acc[G];
   for (int g = 0; g < G; ++g) acc[g] = splat(0.0f);
   for (int64_t dd = 0; dd < D; ++dd) {
-    const v8 kv = load(Kb + dd * S + j);
+    const v8 kv = load(Kj + dd * stride);
     for (int g = 0; g < G; ++g) acc[g] += splat(qs[g * D + dd]) * kv;
   }
-  for (int g = 0; g < G; ++g) store(sc + g * S + j, acc[g]);
+  for (int g = 0; g < G; ++g) store(sc + g * S, acc[g]);
 }
 
-static void scores_any(const float* Kb, int64_t S, int64_t D, const float* qs, int64_t G, int64_t j, float* sc) {
+static void scores_any(const float* Kj, int64_t stride, int64_t S, int64_t D, const float* qs, int64_t G, float* sc) {
   for (int64_t g = 0; g < G; ++g) {
     v8 acc = splat(0.0f);
-    for (int64_t dd = 0; dd < D; ++dd) acc += splat(qs[g * D + dd]) * load(Kb + dd * S + j);
-    store(sc + g * S + j, acc);
+    for (int64_t dd = 0; dd < D; ++dd) acc += splat(qs[g * D + dd]) * load(Kj + dd * stride);
+    store(sc + g * S, acc);
   }
 }
 
-// out[g][0 .. 8C) = sum_j w[g][j] * V[j, c0 .. c0 + 8C) for the G query heads at once: V is
+// out[g][0 .. 8C) += sum_j w[g][j] * V[j, c0 .. c0 + 8C) for the G query heads at once: V is
 // read once, the G x C accumulators stay in registers.
 template <int G, int C>
 static void weighted8(const float* w, int64_t S, const float* Vb, int64_t D, int64_t n, int64_t c0, v8* out) {
@@ -105,7 +109,7 @@ static void weighted8(const float* w, int64_t S, const float* Vb, int64_t D, int
     }
   }
   for (int g = 0; g < G; ++g)
-    for (int c = 0; c < C; ++c) out[g * (D / 8) + c0 / 8 + c] = acc[g][c];
+    for (int c = 0; c < C; ++c) out[g * (D / 8) + c0 / 8 + c] += acc[g][c];
 }
 
 template <int G>
@@ -128,12 +132,14 @@ static void weighted(const float* w, int64_t S, const float* Vb, int64_t D, int6
 }
 
 static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                                  ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::PRED> kmask,
-                                  ffi::ResultBuffer<ffi::F32> out, float divisor, int64_t window, float softcap) {
+                                  ffi::Buffer<ffi::S32> pages, ffi::Buffer<ffi::S32> qpos,
+                                  ffi::Buffer<ffi::PRED> kmask, ffi::ResultBuffer<ffi::F32> out, float divisor,
+                                  int64_t window, float softcap) {
   auto qd = q.dimensions();
   const int64_t B = qd[0], H = qd[1], G = qd[2], T = qd[3], D = qd[4];
-  const int64_t S = k.dimensions()[3];
-  if (S % 8 || D % 8) return ffi::Error::InvalidArgument("decode attention: cache length and head size must be multiples of 8");
+  const int64_t NP = k.dimensions()[0], PS = k.dimensions()[3], N = pages.dimensions()[1], S = N * PS;
+  if (PS % 8 || D % 8) return ffi::Error::InvalidArgument("decode attention: page size and head size must be multiples of 8");
+  const int32_t* PT = pages.typed_data();
   const float* Q = q.typed_data();
   const float* K = k.typed_data();
   const float* V = v.typed_data();
@@ -144,11 +150,17 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
   std::vector<float> sc(G * S), qs(G * D);
   std::vector<v8> acc(G * D / 8);
   std::vector<float> totals(G);
+  std::vector<int64_t> page_of(N);
   for (int64_t b = 0; b < B; ++b) {
     const bool* mrow = M + b * S;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t p = PT[b * N + i];
+      page_of[i] = (p < 0 || p >= NP) ? 0 : p;
+    }
     for (int64_t h = 0; h < H; ++h) {
-      const float* Kb = K + (b * H + h) * D * S;
-      const float* Vb = V + (b * H + h) * S * D;
+      // key j of this row and head: page page_of[j / PS], column j % PS
+      auto kcol = [&](int64_t j) { return K + (page_of[j / PS] * H + h) * D * PS + j % PS; };
+      auto vrow = [&](int64_t j) { return V + ((page_of[j / PS] * H + h) * PS + j % PS) * D; };
       for (int64_t t = 0; t < T; ++t) {
         int64_t n = static_cast<int64_t>(P[b * T + t]) + 1;
         n = n < 0 ? 0 : (n > S ? S : n);
@@ -161,16 +173,18 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
         for (int64_t g = 0; g < G; ++g)
           for (int64_t dd = 0; dd < D; ++dd) qs[g * D + dd] = Q[(((b * H + h) * G + g) * T + t) * D + dd] * scale;
         for (int64_t j = lo8; j < n8; j += 8) {
+          const float* Kj = kcol(j);
+          float* sj = sc.data() + j;
           switch (G) {
-            case 1: scores8<1>(Kb, S, D, qs.data(), j, sc.data()); break;
-            case 2: scores8<2>(Kb, S, D, qs.data(), j, sc.data()); break;
-            case 3: scores8<3>(Kb, S, D, qs.data(), j, sc.data()); break;
-            case 4: scores8<4>(Kb, S, D, qs.data(), j, sc.data()); break;
-            case 5: scores8<5>(Kb, S, D, qs.data(), j, sc.data()); break;
-            case 6: scores8<6>(Kb, S, D, qs.data(), j, sc.data()); break;
-            case 7: scores8<7>(Kb, S, D, qs.data(), j, sc.data()); break;
-            case 8: scores8<8>(Kb, S, D, qs.data(), j, sc.data()); break;
-            default: scores_any(Kb, S, D, qs.data(), G, j, sc.data());
+            case 1: scores8<1>(Kj, PS, S, D, qs.data(), sj); break;
+            case 2: scores8<2>(Kj, PS, S, D, qs.data(), sj); break;
+            case 3: scores8<3>(Kj, PS, S, D, qs.data(), sj); break;
+            case 4: scores8<4>(Kj, PS, S, D, qs.data(), sj); break;
+            case 5: scores8<5>(Kj, PS, S, D, qs.data(), sj); break;
+            case 6: scores8<6>(Kj, PS, S, D, qs.data(), sj); break;
+            case 7: scores8<7>(Kj, PS, S, D, qs.data(), sj); break;
+            case 8: scores8<8>(Kj, PS, S, D, qs.data(), sj); break;
+            default: scores_any(Kj, PS, S, D, qs.data(), G, sj);
           }
         }
         const bool all_seen = std::memchr(mrow + lo, 0, n - lo) == nullptr;  // the engine's case: no hole
@@ -195,9 +209,15 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
           }
           totals[g] = hsum(tot);
         }
-        // the weights of the visible keys lo .. n-1 against their rows of V: no value behind
-        // the window is read (a key there is, in its tile of 8, and masked)
-        weighted(sc.data() + lo, S, Vb + lo * D, D, G, n - lo, acc.data());
+        // the weights of the visible keys lo .. n-1 against their rows of V, a page's run of
+        // them at a time: no value behind the window is read (a key there is, in its tile of
+        // 8, and masked)
+        std::fill(acc.begin(), acc.end(), splat(0.0f));
+        for (int64_t j = lo; j < n;) {
+          const int64_t end = std::min(n, (j / PS + 1) * PS);
+          weighted(sc.data() + j, S, vrow(j), D, G, end - j, acc.data());
+          j = end;
+        }
         for (int64_t g = 0; g < G; ++g) {
           float* o = O + (((b * H + h) * G + g) * T + t) * D;
           const float total = totals[g];
@@ -215,6 +235,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrast_decode_attention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
