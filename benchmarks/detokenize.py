@@ -13,8 +13,10 @@ import types
 
 import numpy as np
 
+from jaxrast.rast.pages import PagePool
 from jaxrast.rast.requests import Request, RequestParams
 from jaxrast.rast.slot_group import SlotGroup
+from jaxrast.rast.stats import Stats
 from jaxrast.rast.token_rules import Record
 from jaxrast.toy.tokenizer import char_tokenizer
 
@@ -26,7 +28,7 @@ def fake_out(tokens: list[int]):
     n = len(tokens)
     return types.SimpleNamespace(count=np.array([n]), tokens=np.array([tokens + [0] * (CALL - n)]),
                                  finished=np.array([False]), stopped=np.array([False]),
-                                 logprobs=np.zeros((1, CALL), np.float32))
+                                 logprobs=np.zeros((1, CALL), np.float32), forced_pos=np.array([-1]))
 
 
 def group(tok) -> SlotGroup:
@@ -35,7 +37,9 @@ def group(tok) -> SlotGroup:
     g.slots, g.release, g.record, g.last_speculative, g.admitted = {}, np.zeros(1, bool), Record(), False, []
     g.engine = types.SimpleNamespace(vocab=len(tok))
     g.spec = types.SimpleNamespace(max_slots=1)
-    g.stats = types.SimpleNamespace(record=lambda *a, **k: None)
+    g.stats = Stats()
+    g.stats.record = lambda *a, **k: None
+    g.pool, g._pages_counted = PagePool(num_pages=1, page_size=8, per_slot=1, slots=1), 0
     return g
 
 

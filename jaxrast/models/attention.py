@@ -68,15 +68,22 @@ def _partial(q, kb, vb, seen, layer: LayerAttention):
     masked = jnp.where(seen[:, None, None], scores(q, kb, layer), MASKED)
     top = jnp.max(masked, axis=-1)
     weights = jnp.exp(masked - top[..., None])
+    vb = _unseen_zero(vb, seen)
     pv = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
     return top, jnp.sum(weights, axis=-1), pv
+
+
+def _unseen_zero(v, allowed):
+    """v [b, kv, s, d] with 0 at the keys no query of its row sees (allowed [b, t, s]): their
+    weight is exactly 0, and 0 · x must be 0 even where a recycled page holds a non-finite x."""
+    return jnp.where(jnp.any(allowed, axis=1)[:, None, :, None], v, 0)
 
 
 def dense_attention(q, k, v, allowed, layer: LayerAttention):
     """Softmax attention over every key of the cache (the definition the kernels equal):
     allowed [b, t, s] says which keys each query sees (`visible`)."""
     probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores(q, k, layer), MASKED), axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, _unseen_zero(v, allowed))
 
 
 def row_pages(k) -> jax.Array:

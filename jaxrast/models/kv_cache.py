@@ -97,3 +97,17 @@ def write(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int, pages: 
     at[0], at[axis] = rows, positions
     # the two indexed axes come first in the scattered value: [b, t, ...]
     return cache.at[tuple(at)].set(jnp.moveaxis(new, axis, 1), mode="drop")
+
+
+def write_row(pool: jax.Array, row: jax.Array, axis: int, table: jax.Array, copies: jax.Array, last: jax.Array
+              ) -> jax.Array:
+    """One row's keys or values `row` (its positions along `axis`, whole pages of the pool's
+    page size) written to the pool's pages `table` [n], and its page `last` also to the
+    pages `copies` [c] (a sharer's own copy of a prompt's last page); entries past the pool
+    are dropped. The pool is [pages, ...] with a page's positions where the row's were."""
+    size = pool.shape[axis + 1]
+    shape = row.shape
+    pages = jnp.moveaxis(row.reshape(*shape[:axis], shape[axis] // size, size, *shape[axis + 1:]), axis, 0)
+    pool = pool.at[table].set(pages, mode="drop")
+    page = jax.lax.dynamic_index_in_dim(pages, last, keepdims=True)
+    return pool.at[copies].set(jnp.broadcast_to(page, (copies.shape[0], *page.shape[1:])), mode="drop")

@@ -37,20 +37,22 @@ def place(requests: Sequence[Request], free: list[int], pool: PagePool, *, chunk
         if not req.params.max_tokens:
             out.append(Placement(None))
             continue
-        if not free:
-            break
-        slot = free[0]
         key = (i // chunk, tuple(req.prompt_ids)) if may_share(req) else None
         lead = leads.get(key)
         full = (len(req.prompt_ids) - 1) // pool.page_size  # the prompt's full pages
-        if lead is not None and full and pool.group(out[lead].slot) == pool.group(slot):
-            pool.share(slot, out[lead].slot, full)
-        else:
-            lead = None
-        if not pool.grow(slot, positions(req)):
-            pool.release(slot)  # what it shared
-            break
-        free.pop(0)
+        need = pool.pages_for(positions(req))
+        slot = None
+        if lead is not None and full:  # a free slot on the lead's device, with pages for the rest
+            group = pool.group(out[lead].slot)
+            slot = next((s for s in free if pool.group(s) == group and pool.free_pages(s) >= need - full), None)
+            if slot is not None:
+                pool.share(slot, out[lead].slot, full)
+        if slot is None:  # the first free slot on a device with the pages
+            lead, slot = None, next((s for s in free if pool.free_pages(s) >= need), None)
+            if slot is None:
+                break
+        pool.grow(slot, positions(req))
+        free.remove(slot)
         if key is not None and lead is None:
             leads.setdefault(key, i)
         out.append(Placement(slot, lead))

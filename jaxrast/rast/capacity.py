@@ -131,7 +131,7 @@ def _paged(models, max_len, page_size, slots, budget, fit, per_slot, multiple, n
         reason = "ceiling" if slots == ceiling else "work"
         slots = max(slots // multiple * multiple, multiple)
     row_pages = -(-cache_length(max_len) // page_size)
-    page_bytes = -(-per_slot // row_pages)
+    page_bytes = -(-per_slot * page_size // cache_length(max_len))  # page_size positions of every model
     pages = min(budget // page_bytes, slots * row_pages) // multiple * multiple
     if pages < row_pages:
         raise ValueError(f"the KV memory ({budget / 2**30:.2f} GiB) holds {pages} pages of {page_size} positions, "

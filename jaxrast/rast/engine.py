@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrast.models.attention import cache_length
 from jaxrast.models.attention_backend import AttentionBackend, choose
-from jaxrast.models.kv_cache import KVCache
+from jaxrast.models.kv_cache import KVCache, write_row
 from jaxrast.models.partitioning import cache_sharding
 from jaxrast.models.transformer import CausalLM
 from jaxrast.rast.engine_spec import EngineSpec
@@ -56,22 +56,6 @@ def _split(mesh: Mesh, spec: P) -> int:
     axes = spec[0] if len(spec) else None
     axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
     return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-
-
-def to_pages(row: jax.Array, axis: int, size: int) -> jax.Array:
-    """One row's keys or values with its positions along `axis` cut into pages of `size`:
-    [pages, ...] with the page's `size` positions where the positions were."""
-    shape = row.shape
-    row = row.reshape(*shape[:axis], shape[axis] // size, size, *shape[axis + 1:])
-    return jnp.moveaxis(row, axis, 0)
-
-
-def _write_row(pool: jax.Array, pages: jax.Array, table: jax.Array, copies: jax.Array, last: jax.Array):
-    """A prefilled row's `pages` [n, ...] written to the pool's pages `table` [n], and its page
-    `last` also to `copies` [c] (entries past the pool are dropped)."""
-    pool = pool.at[table].set(pages, mode="drop")
-    page = jax.lax.dynamic_index_in_dim(pages, last, keepdims=True)
-    return pool.at[copies].set(jnp.broadcast_to(page, (copies.shape[0], *page.shape[1:])), mode="drop")
 
 
 class Engine:
@@ -99,7 +83,8 @@ class Engine:
             head_dims=[m.cfg.head_dim for m in self.models], cache_len=self.cache_len)
         self.num_pairs = len(combination.pairs)
         pages = spec.pages or spec.max_slots * self.pages_per_slot
-        self.num_pages = -(-pages // spec.max_slots) * spec.max_slots if mesh is not None else pages  # splits evenly
+        # on a mesh the pool splits like the slots (a multiple of max_slots splits over any of their splits)
+        self.num_pages = max(pages // spec.max_slots, 1) * spec.max_slots if mesh is not None else pages
         self._graphdefs = tuple(nnx.graphdef(m) for m in self.models)
         self._variables = tuple(nnx.state(m) for m in self.models)  # see refresh()
         self.refresh()
@@ -108,6 +93,10 @@ class Engine:
         # split over devices, the devices' blocks of b rows and of max_slots rows differ
         self.split = 1 if shardings is None else _split(self.mesh, shardings[0].caches[0].k[0].spec)
         self.buckets = spec.buckets if self.split == 1 else (spec.max_slots,)
+        if self.num_pages // self.split < self.pages_per_slot:
+            raise ValueError(f"the KV pool's {self.num_pages} pages of {self.page_size} positions (over {self.split} "
+                             f"device block(s)) hold less than one row of {self.cache_len} positions in a block: give "
+                             "more KV memory (kv_memory / pages) or lower max_len.")
         # explicit output shardings on a mesh: the donated state comes back laid out as it
         # went in, so the next call reuses its buffers and its compiled program
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,), static_argnames=("score",),
@@ -233,7 +222,7 @@ class Engine:
         models = self._models(params)
         batch, max_len = tokens.shape
         tokens = jnp.pad(tokens, ((0, 0), (0, max(0, self.cache_len + self.spec.prefill_chunk - tokens.shape[1]))))
-        n, size = self.cache_len, self.page_size
+        n = self.cache_len
         row_settings = {k: settings[k] for k in ("token", "lam", "rl_only")}
 
         def insert(i, carry):
@@ -245,14 +234,11 @@ class Engine:
                                                   () if score is None else empty_scores(self._prefill_width(), score))
             # a row not inserted has no page, a sharer writes none: nothing is written
             table = jnp.where(shared[i], self.num_pages, settings["pages"][i])
-            last = prefix[i] // size  # the page the prompt ends in: copied to the sharers' own pages
+            last = prefix[i] // self.page_size  # the page the prompt ends in: copied to the sharers' own pages
             out = []
             for cache, new in zip(caches, fresh):
-                # the row's positions cut into pages: k [kv, d, n] -> [pages, kv, d, size], v alike
-                k = tuple(_write_row(pool, to_pages(x[0, :, :, :n], 2, size), table, copies[i], last)
-                          for pool, x in zip(cache.k, new.k))
-                v = tuple(_write_row(pool, to_pages(x[0, :, :n, :], 1, size), table, copies[i], last)
-                          for pool, x in zip(cache.v, new.v))
+                k = tuple(write_row(pool, x[0, :, :, :n], 2, table, copies[i], last) for pool, x in zip(cache.k, new.k))
+                v = tuple(write_row(pool, x[0, :, :n, :], 1, table, copies[i], last) for pool, x in zip(cache.v, new.v))
                 out.append(cache.replace(k=k, v=v, mask=cache.mask.at[slot].set(new.mask[0, :n], mode="drop")))
             if score is not None:
                 scores = tuple(buf.at[i].set(x[:max_len]) for buf, x in zip(scores, row_scores))

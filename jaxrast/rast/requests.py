@@ -66,7 +66,6 @@ class EngineLimits:
     max_stop_ids: int
     max_forced: int
     gamma: int = 0
-    pool_positions: int | None = None  # positions the KV page pool holds for one row (None: max_len)
 
 
 def positions_needed(prompt_ids: Sequence[int], p, gamma: int) -> int:
@@ -141,10 +140,6 @@ def validate_request(prompt_ids: Sequence[int], p: RequestParams, limits: Engine
                          + (f" plus γ = {limits.gamma} draft positions" if limits.gamma else "")
                          + f" is {need} tokens, beyond max_len = {limits.max_len} positions per slot; shorten the "
                          "prompt, lower max_tokens, or build the engine with a larger max_len", "max_tokens")
-    if limits.pool_positions is not None and need > limits.pool_positions:
-        raise ParamError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) needs {need} KV "
-                         f"positions, more than the engine's page pool holds ({limits.pool_positions}); lower "
-                         "max_tokens, or give the engine more KV memory (pages / --kv-memory)", "max_tokens")
     _check_ids(prompt_ids, "prompt", limits.vocab)
     _check_sampling(p)
     _check_lam(p.lam, limits.pairs)
@@ -187,6 +182,7 @@ class Request:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     forced_pos: int = -1  # where a preempted row was in its continue text (-1: not forcing)
     preemptions: int = 0  # times its row gave its KV pages back to run again later
+    admitted: int = -1  # when its row was first admitted (its seniority: the youngest rows are preempted first)
 
     @property
     def finished(self) -> bool:

@@ -117,10 +117,8 @@ class Scheduler:
     @property
     def limits(self) -> EngineLimits:
         spec, engine = self.groups[0].spec, self.groups[0].engine
-        pool = min(g.pool.num_pages // g.pool.groups for g in self.groups) * engine.page_size
         return EngineLimits(vocab=engine.vocab, pairs=engine.num_pairs, max_len=spec.max_len,
-                            max_stop_ids=spec.max_stop_ids, max_forced=spec.max_forced, gamma=spec.gamma,
-                            pool_positions=pool)
+                            max_stop_ids=spec.max_stop_ids, max_forced=spec.max_forced, gamma=spec.gamma)
 
     def check(self, req: Request) -> None:
         """Refuses (`ParamError`, a ValueError) a request that cannot fit a slot or the engine,
@@ -133,6 +131,14 @@ class Scheduler:
             self.queue.append(req)
             self.lock.notify_all()
 
+    def _cancel(self, req: Request) -> None:
+        """Ends a queued request: one preempted with tokens already made ends as a running
+        one does (its text, its stream flushed), one that never ran with nothing."""
+        if req.token_ids:
+            self.groups[0].finish(req, "cancelled", None)
+        else:
+            cancel(req)
+
     def _take(self, group: SlotGroup) -> list[Request]:
         """The requests at the queue's head that the group has slots and KV pages for, in
         order: a request the pages cannot hold yet waits (with those behind it) until rows
@@ -141,7 +147,7 @@ class Scheduler:
             free = len(group.free)
             for req in [r for r in self.queue if r.cancelled]:  # cancelled while waiting: it never takes a slot
                 self.queue.remove(req)
-                cancel(req)
+                self._cancel(req)
             head = [self.queue[i] for i in range(min(free, len(self.queue)))]
             return [self.queue.popleft() for _ in range(group.room(head) if head else 0)]
 
@@ -154,7 +160,7 @@ class Scheduler:
         if preempted:  # first in the queue again, in their order
             with self.lock:
                 self.queue.extendleft(reversed(preempted))
-        requests = self._take(group)
+        requests = [] if preempted else self._take(group)  # (what freed the pages is not admitted again at once)
         try:
             plan = group.plan(requests, waiting=len(self.queue), first_token_call=self.serving, record=record)
             if plan is None:
@@ -289,7 +295,7 @@ class Scheduler:
             time.sleep(0.02)
         with self.lock:
             while self.queue:
-                cancel(self.queue.popleft())
+                self._cancel(self.queue.popleft())
             for group in self.groups:
                 for req in group.slots.values():
                     req.cancelled = True

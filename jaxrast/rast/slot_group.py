@@ -4,6 +4,7 @@ stop strings, streamed text and finished requests (`jaxrast.rast.scheduler` driv
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
 from typing import Callable, Sequence
@@ -20,6 +21,7 @@ from jaxrast.rast.token_rules import Record
 from jaxrast.runtime.distributed import host_array
 
 log = logging.getLogger("jaxrast.rast.slot_group")
+_ADMISSIONS = itertools.count()  # every group's admissions in one order (a preempted row may resume in another)
 
 
 def _alternatives(top_ids: np.ndarray, top_logprobs: np.ndarray) -> list[list[tuple[int, float]]]:
@@ -71,20 +73,18 @@ class SlotGroup:
         self.last_speculative = False
         self.spec = engine.spec
         self.state = engine.init_state()
-        if self.speculation.mode == "adaptive":  # both programs (usual `record`) compiled now, not in a timed call
-            self._compile((self.spec.max_slots,), record)
         self.slots: dict[int, Request] = {}
-        self.pool = PagePool(num_pages=engine.num_pages, page_size=engine.page_size, per_slot=engine.pages_per_slot,
-                             slots=self.spec.max_slots, groups=engine.split)
+        self.pool = self._new_pool()
         with stats.lock:
             stats.pages_total += engine.num_pages
+        if self.speculation.mode == "adaptive":  # both programs (usual `record`) compiled now, not in a timed call
+            self._compile((self.spec.max_slots,), record)
         self.release = np.zeros(self.spec.max_slots, bool)
         self.record = Record()  # what the last decode call recorded
         self.admitted: list[list[Request]] = []  # the last plan's admit calls' requests
         self.waited = 0  # calls in a row that ran above their rows' bucket (not compiled yet)
         self._pages_counted = 0  # this group's pages in Stats.pages_used
         self.order: dict[int, int] = {}  # slot -> when its row was admitted (the youngest is preempted first)
-        self._admissions = 0
 
     def warm_up(self, record: Record) -> None:
         """Compiles the decode call at every bucket (of each kind of call this group makes,
@@ -112,11 +112,17 @@ class SlotGroup:
             self.stats.peak_pages = max(self.stats.peak_pages, self.stats.pages_used)
         self._pages_counted = self.pool.used
 
+    def _new_pool(self) -> PagePool:
+        engine = self.engine
+        return PagePool(num_pages=engine.num_pages, page_size=engine.page_size, per_slot=engine.pages_per_slot,
+                        slots=self.spec.max_slots, groups=engine.split)
+
     def reset(self) -> None:
-        """After a failed call: every slot free, with its pages, and a new device state."""
-        for slot in list(self.slots):
-            self.pool.release(slot)
+        """After a failed call: every slot and page free (a plan that failed half way may hold
+        pages for slots it never filled), and a new device state."""
+        self.pool = self._new_pool()
         self.slots.clear()
+        self.order.clear()
         self._count_pages()
         self.state = self.engine.init_state()
 
@@ -128,8 +134,9 @@ class SlotGroup:
         """KV positions a row needs through its next decode call (a call writes at most
         steps × (γ + 1) of them), at most its whole prompt, budget and γ."""
         length = len(req.context_ids) - 1  # in the caches (the pending token is not)
-        return min(positions_needed(req.prompt_ids, req.params, self.spec.gamma),
-                   length + self.spec.steps * (self.spec.gamma + 1))
+        gamma = self.spec.gamma if self.speculation.mode != "off" else 0
+        whole = positions_needed(req.prompt_ids, req.params, self.spec.gamma)
+        return min(whole, length + self.spec.steps * (gamma + 1))
 
     def prepare(self) -> list[Request]:
         """Pages for every running row's next call, the oldest rows first. Where the pool
@@ -137,8 +144,12 @@ class SlotGroup:
         and resume from their tokens so far, prefilling them anew)."""
         preempted = []
         for slot in sorted(self.slots, key=self.order.get):
+            if slot not in self.slots or self.slots[slot].cancelled:  # preempted just now; released at the next call
+                continue
             while slot in self.slots and not self.pool.grow(slot, self._positions(self.slots[slot])):
-                preempted.append(self._preempt(max(self.slots, key=self.order.get)))
+                block = [s for s in self.slots if self.pool.group(s) == self.pool.group(slot)]
+                preempted.append(self._preempt(max(block, key=self.order.get)))
+        preempted.sort(key=lambda req: req.admitted)  # back to the queue in the order they came
         if preempted:
             log.info("%d row(s) preempted: the KV pool (%d pages) is short", len(preempted), self.pool.num_pages)
         return preempted
@@ -189,7 +200,9 @@ class SlotGroup:
                 slot, lead = placed[start + r].slot, placed[start + r].lead
                 if slot is not None:
                     slot_ids[r], self.slots[slot], self.release[slot] = slot, req, False
-                    self.order[slot], self._admissions = self._admissions, self._admissions + 1
+                    if req.admitted < 0:  # a resumed row keeps its seniority: the oldest rows always advance
+                        req.admitted = next(_ADMISSIONS)
+                    self.order[slot] = req.admitted
                 ids = req.context_ids[:-1]
                 tokens[r, :len(ids)], prefix[r] = ids, len(ids)
                 if lead is not None:  # its own copy of the prompt's last page, written by the lead

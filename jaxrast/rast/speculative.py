@@ -46,9 +46,10 @@ def speculative_round(models, caches, slots, *, gamma: int, rl_index: int, combi
 
     def draft(carry, j):
         cache, tok = carry
+        # draft j sees positions up to its own (a kernel masking by length alone reads no more)
         out, cache = models[rl_index](tok[:, None], (slots.length + j)[:, None],
                                       cache=cache.replace(index=slots.length + j), last_only=True,
-                                      attention=attention, kv_len=kv_len)
+                                      attention=attention, kv_len=jnp.where(slots.active, slots.length + j + 1, 0))
         z = mask_early_stops(out[:, -1, :vocab], slots.stop_ids, slots.generated + j < slots.min_tokens,
                              slots.forced_len)
         q = row_probs(z, slots.temperature, slots.top_k, slots.top_p)

@@ -15,7 +15,7 @@ from jaxrast.rast.admission import place
 from jaxrast.rast.decoding import RAST, SamplingParams
 from jaxrast.rast.ensemble import Pair
 from jaxrast.rast.pages import PagePool
-from jaxrast.rast.requests import ParamError, Request, RequestParams
+from jaxrast.rast.requests import Request, RequestParams
 
 
 def greedy(eng, tok, prompts, max_new=40, n=1):
@@ -64,11 +64,10 @@ def test_paged_speculative_and_n_samples_equal_the_dense_layout(trio):
         assert [c.token_ids for c in row] == [c.token_ids for c in a[i]]
 
 
-def test_a_request_the_pool_can_never_hold_is_refused_naming_the_fix(trio):
+def test_a_pool_that_cannot_hold_one_row_is_refused_naming_the_fix(trio):
     base, _, _, tok = trio
-    eng = RAST(base, tokenizer=tok, batch_size=2, max_len=128, page_size=16, pages=2)
-    with pytest.raises(ParamError, match=r"page pool holds \(32\)"):
-        eng.scheduler.check(Request(list(range(1, 10)), RequestParams(max_tokens=40)))
+    with pytest.raises(ValueError, match="hold less than one row of 128 positions.*more KV memory"):
+        RAST(base, tokenizer=tok, batch_size=2, max_len=128, page_size=16, pages=2)
 
 
 def test_page_pool_takes_frees_and_moves_pages():
@@ -150,3 +149,13 @@ def test_pages_taken_shared_freed_and_preempted_compile_nothing_after_warm_up(tr
     assert all(len(r.token_ids) == r.params.max_tokens for r in requests)
     stats = eng.scheduler.stats
     assert compiles == [] and stats.preemptions > 0 and stats.shared > 0 and stats.pages_used == 0
+
+
+def test_admission_takes_a_slot_on_a_device_with_pages():
+    """Two device blocks of 4 pages (slots 0-1 on one, 2-3 on the other): a request that
+    the first block cannot hold goes to the second block's slot."""
+    pool = PagePool(num_pages=8, page_size=4, per_slot=4, slots=4, groups=2)
+    assert pool.grow(0, 12)  # block 0: 1 page left
+    req = Request(list(range(1, 9)), RequestParams(max_tokens=4))
+    placed = place([req], [1, 2, 3], pool, chunk=4, positions=lambda r: 9, may_share=lambda r: False)
+    assert [p.slot for p in placed] == [2] and pool.held[2] == 3

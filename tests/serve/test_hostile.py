@@ -287,7 +287,8 @@ def test_health_answers_while_the_largest_body_is_refused(server):
 
 @pytest.fixture(scope="module")
 def speculative():
-    service, app = build_service(ServeConfig(**SETTINGS, speculative=3, speculative_mode="on"))
+    # requests go one at a time: 2 slots (2 buckets to warm up, not 4)
+    service, app = build_service(ServeConfig(**{**SETTINGS, "max_slots": 2}, speculative=3, speculative_mode="on"))
     with running(app) as url:
         yield url, service
 

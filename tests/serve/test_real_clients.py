@@ -60,7 +60,7 @@ def server(smollm2):
     from jaxrast.serve.config import ServeConfig
     from jaxrast.serve.server import build_service
 
-    service, app = build_service(ServeConfig(base=smollm2, max_slots=8, max_len=256, steps_per_call=8))
+    service, app = build_service(ServeConfig(base=smollm2, max_slots=4, max_len=256, steps_per_call=8))
     with running(app) as url:
         yield url, service
 
