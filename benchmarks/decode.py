@@ -164,6 +164,19 @@ def uniform(args, paths, models, tok) -> None:
 
 
 
+def warn_map_count(needed: int = 200_000) -> None:
+    """XLA:CPU maps ~500 memory regions per compiled program, and this script compiles a few
+    hundred (the static path one per batch length, the engine one per slot-count bucket): past
+    Linux's vm.max_map_count LLVM fails with "Cannot allocate memory" and the process dies."""
+    try:
+        limit = int(open("/proc/sys/vm/max_map_count").read())
+    except (OSError, ValueError):
+        return
+    if limit < needed:
+        print(f"warning: vm.max_map_count is {limit}; this benchmark's programs may need more memory mappings "
+              f"(raise it: sudo sysctl -w vm.max_map_count=262144)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=("long-tail", "uniform", "both", "paged"), default="long-tail",
@@ -187,6 +200,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="uniform: batch sizes")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
     args = ap.parse_args()
+    warn_map_count()
 
     from jaxrast.models.hf import load_model
 
