@@ -107,34 +107,28 @@ def plan_slots(models: Sequence, max_len: int, *, slots: int | None = None, kv_m
     per_slot = slot_bytes(models, max_len)
     budget = kv_memory_bytes(kv_memory, devices=devices)
     fit = max(budget // per_slot, 0)
-    if page_size is not None:
-        return _paged(models, max_len, page_size, slots, budget, fit, per_slot, multiple, needed)
     if slots is not None:
-        return Capacity(slots, "explicit", fit, per_slot, budget)
-    ceiling = CEILING.get(jax.local_devices()[0].platform, DEFAULT_CEILING)
-    count, reason = (ceiling, "ceiling") if fit >= ceiling else (fit, "memory")
-    if needed is not None and needed < count:  # rounded up to the split, never past what fits
-        count, reason = min(-(-needed // multiple) * multiple, count), "work"
-    count = count // multiple * multiple
+        count, reason = slots, "explicit"
+    else:
+        ceiling = CEILING.get(jax.local_devices()[0].platform, DEFAULT_CEILING)
+        rows = ceiling if page_size is not None else fit  # paged, memory bounds tokens, not rows
+        count, reason = (ceiling, "ceiling") if rows >= ceiling else (fit, "memory")
+        if needed is not None and needed < count:  # rounded up to the split, never past what fits
+            count, reason = min(-(-needed // multiple) * multiple, count), "work"
+        count = count // multiple * multiple
+        if page_size is not None:  # a ceiling below the mesh's split: one row per device block
+            count = max(count, multiple)
     if count < 1:
         raise ValueError(f"the KV memory ({budget / 2**30:.2f} GiB) holds no slot of {max_len} positions "
                          f"({per_slot / 2**30:.2f} GiB a slot across the models): lower max_len, or give more "
                          "memory with kv_memory (GiB per device) or batch_size.")
-    return Capacity(count, reason, fit, per_slot, budget)
-
-
-def _paged(models, max_len, page_size, slots, budget, fit, per_slot, multiple, needed) -> Capacity:
-    ceiling = CEILING.get(jax.local_devices()[0].platform, DEFAULT_CEILING)
-    reason = "explicit" if slots is not None else "ceiling"
-    if slots is None:
-        slots = ceiling if needed is None else min(ceiling, -(-needed // multiple) * multiple)
-        reason = "ceiling" if slots == ceiling else "work"
-        slots = max(slots // multiple * multiple, multiple)
+    if page_size is None:
+        return Capacity(count, reason, fit, per_slot, budget)
     row_pages = -(-cache_length(max_len) // page_size)
     page_bytes = -(-per_slot * page_size // cache_length(max_len))  # page_size positions of every model
-    pages = min(budget // page_bytes, slots * row_pages) // multiple * multiple
+    pages = min(budget // page_bytes, count * row_pages) // multiple * multiple
     if pages < row_pages:
         raise ValueError(f"the KV memory ({budget / 2**30:.2f} GiB) holds {pages} pages of {page_size} positions, "
                          f"fewer than one row of {max_len} positions needs ({row_pages}): lower max_len, or give "
                          "more memory with kv_memory (GiB per device).")
-    return Capacity(slots, reason, fit, per_slot, budget, pages, page_size)
+    return Capacity(count, reason, fit, per_slot, budget, pages, page_size)

@@ -84,7 +84,6 @@ class SlotGroup:
         self.admitted: list[list[Request]] = []  # the last plan's admit calls' requests
         self.waited = 0  # calls in a row that ran above their rows' bucket (not compiled yet)
         self._pages_counted = 0  # this group's pages in Stats.pages_used
-        self.order: dict[int, int] = {}  # slot -> when its row was admitted (the youngest is preempted first)
 
     def warm_up(self, record: Record) -> None:
         """Compiles the decode call at every bucket (of each kind of call this group makes,
@@ -122,7 +121,6 @@ class SlotGroup:
         pages for slots it never filled), and a new device state."""
         self.pool = self._new_pool()
         self.slots.clear()
-        self.order.clear()
         self._count_pages()
         self.state = self.engine.init_state()
 
@@ -142,13 +140,13 @@ class SlotGroup:
         """Pages for every running row's next call, the oldest rows first. Where the pool
         is short, the youngest rows give theirs back (preempted, returned: they queue again
         and resume from their tokens so far, prefilling them anew)."""
-        preempted = []
-        for slot in sorted(self.slots, key=self.order.get):
+        preempted, seniority = [], lambda slot: self.slots[slot].admitted
+        for slot in sorted(self.slots, key=seniority):
             if slot not in self.slots or self.slots[slot].cancelled:  # preempted just now; released at the next call
                 continue
             while slot in self.slots and not self.pool.grow(slot, self._positions(self.slots[slot])):
                 block = [s for s in self.slots if self.pool.group(s) == self.pool.group(slot)]
-                preempted.append(self._preempt(max(block, key=self.order.get)))
+                preempted.append(self._preempt(max(block, key=seniority)))
         preempted.sort(key=lambda req: req.admitted)  # back to the queue in the order they came
         if preempted:
             log.info("%d row(s) preempted: the KV pool (%d pages) is short", len(preempted), self.pool.num_pages)
@@ -202,7 +200,6 @@ class SlotGroup:
                     slot_ids[r], self.slots[slot], self.release[slot] = slot, req, False
                     if req.admitted < 0:  # a resumed row keeps its seniority: the oldest rows always advance
                         req.admitted = next(_ADMISSIONS)
-                    self.order[slot] = req.admitted
                 ids = req.context_ids[:-1]
                 tokens[r, :len(ids)], prefix[r] = ids, len(ids)
                 if lead is not None:  # its own copy of the prompt's last page, written by the lead
@@ -262,7 +259,6 @@ class SlotGroup:
             src[i], dst[i] = old, new
             self.slots[new] = self.slots.pop(old)
             self.pool.move(old, new)
-            self.order[new] = self.order.pop(old)
             self.release[new], self.release[old] = self.release[old], False
         with self.stats.lock:
             self.stats.moves += len(high)
